@@ -1,0 +1,41 @@
+"""Shared test set-up.
+
+Without a GPU the Triton kernels run through Triton's interpreter, which must be switched on
+before triton is first imported (kernels.runtime does that too; setting it here keeps the
+whole test session consistent whatever imports first).
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _perturb_batchnorm(model: torch.nn.Module, seed: int = 0, residual_scale: float = 0.1):
+    """Give every BatchNorm non-trivial statistics and affine parameters, in place.
+
+    Random deep networks are chaotic: to compare two implementations at the logits, the last
+    BatchNorm of each residual block (``bn3`` in SCNet, ``bn3`` in torchvision's Bottleneck) is
+    scaled down to ``residual_scale`` (see "Testing whole networks" in the design notes).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                c = m.num_features
+                m.running_mean.copy_(torch.randn(c, generator=generator) * 0.1)
+                m.running_var.copy_(torch.rand(c, generator=generator) * 0.5 + 0.75)
+                m.weight.copy_(torch.rand(c, generator=generator) * 0.5 + 0.75)
+                m.bias.copy_(torch.randn(c, generator=generator) * 0.1)
+                if name.endswith("bn3"):
+                    m.weight.mul_(residual_scale)
+    return model
+
+
+@pytest.fixture
+def perturb_batchnorm():
+    """``perturb_batchnorm(model, seed=0, residual_scale=0.1)``: see ``_perturb_batchnorm``."""
+    return _perturb_batchnorm
