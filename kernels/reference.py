@@ -1,4 +1,4 @@
-"""The eager PyTorch gating of SC-Conv: the one reference for tests, benchmarks and the "eager" gate.
+"""Eager PyTorch SC-Conv gating: the one reference for tests, benchmarks and the "eager" gate.
 
     out = k3 * sigmoid(x + upsample_nearest(k2, size=x.shape[-2:]))
 

@@ -31,9 +31,7 @@ def default_gate() -> str:
     """The gate used when none is given: ``$SCCONV_GATE`` if set, else ``"auto"``."""
     name = os.environ.get("SCCONV_GATE", DEFAULT_GATE)
     if name not in GATES:
-        raise ValueError(
-            f"SCCONV_GATE={name!r} is not a gate; valid gates are {', '.join(GATES)}"
-        )
+        raise ValueError(f"SCCONV_GATE={name!r} is not a gate; valid gates are {', '.join(GATES)}")
     return name
 
 
@@ -48,7 +46,9 @@ def resolve_gate(name: str, x: torch.Tensor) -> str:
 def sc_gate(x: torch.Tensor, k2: torch.Tensor, k3: torch.Tensor, gate: str = "eager"):
     """Run the SC-Conv gating with the implementation named ``gate``."""
     if resolve_gate(gate, x) == "triton":
-        from kernels import sc_gate as triton_sc_gate  # imported on first use: keeps triton optional
+        from kernels import (
+            sc_gate as triton_sc_gate,
+        )  # imported on first use: keeps triton optional
 
         return triton_sc_gate(x, k2, k3)
     return sc_gate_reference(x, k2, k3)

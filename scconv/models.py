@@ -102,7 +102,9 @@ class SCNet(nn.Module):
                 nn.init.constant_(m.bias, 0)
         self.min_input_size = _min_input_size(self)
 
-    def _make_layer(self, block, planes, blocks, stride=1, dilation=1, norm_layer=None, is_first=True):
+    def _make_layer(
+        self, block, planes, blocks, stride=1, dilation=1, norm_layer=None, is_first=True
+    ):
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion:
             down_layers = []
@@ -148,7 +150,9 @@ class SCNet(nn.Module):
             )
         ]
         self.inplanes = planes * block.expansion
-        layers += [block(self.inplanes, planes, dilation=dilation, **common) for _ in range(1, blocks)]
+        layers += [
+            block(self.inplanes, planes, dilation=dilation, **common) for _ in range(1, blocks)
+        ]
         return nn.Sequential(*layers)
 
     def _check_input(self, x: torch.Tensor) -> None:
@@ -183,7 +187,11 @@ def _out_size(module: nn.Module, n: int) -> int:
         return v[0] if isinstance(v, tuple) else v
 
     dilation = first(getattr(module, "dilation", 1))
-    kernel, stride, padding = (first(module.kernel_size), first(module.stride), first(module.padding))
+    kernel, stride, padding = (
+        first(module.kernel_size),
+        first(module.stride),
+        first(module.padding),
+    )
     span = n + 2 * padding - dilation * (kernel - 1) - 1
     if getattr(module, "ceil_mode", False):
         return -(-span // stride) + 1
@@ -293,9 +301,15 @@ def load_weights(model: nn.Module, source, name: str | None = None) -> nn.Module
 
 _SCNET_CONFIGS = {
     "scnet50": dict(layers=(3, 4, 6, 3), deep_stem=False, stem_width=32, avg_down=False, avd=False),
-    "scnet101": dict(layers=(3, 4, 23, 3), deep_stem=False, stem_width=64, avg_down=False, avd=False),
-    "scnet50_v1d": dict(layers=(3, 4, 6, 3), deep_stem=True, stem_width=32, avg_down=True, avd=True),
-    "scnet101_v1d": dict(layers=(3, 4, 23, 3), deep_stem=True, stem_width=64, avg_down=True, avd=True),
+    "scnet101": dict(
+        layers=(3, 4, 23, 3), deep_stem=False, stem_width=64, avg_down=False, avd=False
+    ),
+    "scnet50_v1d": dict(
+        layers=(3, 4, 6, 3), deep_stem=True, stem_width=32, avg_down=True, avd=True
+    ),
+    "scnet101_v1d": dict(
+        layers=(3, 4, 23, 3), deep_stem=True, stem_width=64, avg_down=True, avd=True
+    ),
 }
 
 
