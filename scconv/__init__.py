@@ -1,6 +1,7 @@
 """scconv: Self-Calibrated Convolutions (SCNet) with fused Triton gating kernels."""
 
 from scconv.gating import GATES, sc_gate
+from scconv.inference import fold_batchnorm, optimize_for_inference
 from scconv.models import (
     SCNet,
     create_model,
@@ -20,8 +21,10 @@ __all__ = [
     "SCConv",
     "SCNet",
     "create_model",
+    "fold_batchnorm",
     "list_models",
     "load_weights",
+    "optimize_for_inference",
     "scnet50",
     "scnet50_v1d",
     "scnet101",

@@ -1,0 +1,315 @@
+"""Element-wise fusions for the inference fast path (``scconv.optimize_for_inference``).
+
+Two small memory-bound kernels that replace several ATen launches of an SCNet/ResNet bottleneck:
+
+    relu_cat(a, b)     = relu(cat([a, b], dim=1))   reads a and b once, writes the result once
+                         (eager: two ReLUs, then ``torch.cat`` reads and writes everything again)
+    add_relu_(x, r)    : x <- relu(x + r)           in place, one pass (eager: ``add_`` + ``relu_``)
+
+Both are ``torch.library`` custom ops in the ``scconv`` namespace (``torch.ops.scconv.relu_cat``,
+``torch.ops.scconv.add_relu_``) with fake implementations, so ``torch.compile`` traces them. On
+CUDA tensors they launch the Triton kernels below; on other devices (the CPU) they run a composite
+of ATen ops with the same results (``clamp_min`` into the two halves of one buffer; ``add_`` then
+``relu_``). The launchers :func:`relu_cat_triton` and :func:`add_relu_triton_` run the Triton
+kernels on any device Triton can use, which on a machine without a GPU means the interpreter
+(slow: keep tensors small).
+
+The kernels address memory as flat arrays, so they need dense inputs: both contiguous (NCHW) or
+both channels_last. A dense 4-D tensor in either format is, per "outer" index, a run of channels
+times "inner" elements:
+
+    NCHW:           outer = N,          a row of a holds Ca * H * W elements
+    channels_last:  outer = N * H * W,  a row of a holds Ca elements
+
+and the output row is a's row followed by b's row. Other strides take the composite path.
+Results are bit-identical to eager PyTorch: ReLU is exact, and x + r is computed in float32
+(float64 for float64) and rounded once, as ATen's ``add`` does for half types.
+"""
+
+import contextlib
+
+import torch
+
+from kernels import runtime
+
+runtime.configure_interpreter()  # before triton is imported here (no-op if already done)
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INT32_LIMIT = 2**31 - 1
+# Elements per program. 1024 = 128 threads x 8 elements: one 16-byte vector per thread in bf16,
+# two in float32. Not tuned on a GPU (none was available when this was written); under the
+# interpreter larger blocks mean fewer (slow) program instances.
+BLOCK_ELEMENTS = 1024
+NUM_WARPS = 4
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels. Only Triton builtins (no @triton.jit helpers such as tl.cdiv): see kernels/runtime.py.
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _relu_cat_kernel(
+    a_ptr,  # (outer, row_a) dense
+    b_ptr,  # (outer, row_b) dense
+    out_ptr,  # (outer, row_a + row_b) dense
+    outer,  # number of rows: N for NCHW, N * H * W for channels_last
+    row_a,  # elements of a per row: Ca * H * W (NCHW) or Ca (channels_last)
+    row_b,  # the same for b
+    BLOCK_O: tl.constexpr,  # rows per program
+    BLOCK_R: tl.constexpr,  # elements of a row per program
+    WIDE_INDEX: tl.constexpr,  # int64 offsets (tensors of 2**31 elements or more)
+):
+    row = row_a + row_b
+    blocks_per_row = (row + BLOCK_R - 1) // BLOCK_R
+    # One flat grid (axis 0 takes 2**31 programs; axes 1 and 2 only 65535).
+    pid = tl.program_id(0)
+    pid_o = pid // blocks_per_row
+    pid_r = pid - pid_o * blocks_per_row
+    o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    if WIDE_INDEX:
+        o = o.to(tl.int64)
+    o = o[:, None]
+    r = r[None, :]
+    inside = (o < outer) & (r < row)
+    from_a = r < row_a
+    va = tl.load(a_ptr + o * row_a + r, mask=inside & from_a, other=0.0)
+    vb = tl.load(b_ptr + o * row_b + (r - row_a), mask=inside & (r >= row_a), other=0.0)
+    v = tl.where(from_a, va, vb)
+    # `v < 0` keeps NaN as NaN, like torch.relu.
+    v = tl.where(v < 0, 0.0, v)
+    tl.store(out_ptr + o * row + r, v.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _add_relu_kernel(
+    x_ptr,  # dense, read and overwritten with relu(x + r)
+    r_ptr,  # dense, same strides as x
+    numel,
+    BLOCK: tl.constexpr,
+    WIDE_INDEX: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,  # float32, or float64 for float64 tensors
+):
+    pid = tl.program_id(0)
+    if WIDE_INDEX:
+        start = pid.to(tl.int64) * BLOCK
+    else:
+        start = pid * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < numel
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+    r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+    v = x + r
+    v = tl.where(v < 0, 0.0, v)
+    tl.store(x_ptr + offs, v.to(x_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Layout helpers (metadata only: they run on fake tensors too)
+# --------------------------------------------------------------------------------------------
+def dense_layout(*tensors: torch.Tensor) -> torch.memory_format | None:
+    """The memory format in which all ``tensors`` (4-D) are dense, or None if there is none."""
+    if all(t.is_contiguous() for t in tensors):
+        return torch.contiguous_format
+    if all(t.is_contiguous(memory_format=torch.channels_last) for t in tensors):
+        return torch.channels_last
+    return None
+
+
+def relu_cat_memory_format(a: torch.Tensor, b: torch.Tensor) -> torch.memory_format:
+    """Memory format of ``relu_cat(a, b)``: the inputs' common dense format, else a's."""
+    common = dense_layout(a, b)
+    if common is not None:
+        return common
+    if a.is_contiguous(memory_format=torch.channels_last) and not a.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _check_dtype_device(op: str, first: str, x: torch.Tensor, second: str, y: torch.Tensor):
+    for name, t in ((first, x), (second, y)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"{op}: {name} has dtype {t.dtype}; supported dtypes are "
+                f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}"
+            )
+    if x.dtype != y.dtype:
+        raise TypeError(
+            f"{op}: {first} and {second} must share one dtype, got {x.dtype}, {y.dtype}"
+        )
+    if x.device != y.device:
+        raise ValueError(
+            f"{op}: {first} and {second} must be on one device, got {x.device}, {y.device}"
+        )
+
+
+def check_relu_cat_inputs(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the problem if ``relu_cat(a, b)`` is undefined."""
+    _check_dtype_device("relu_cat", "a", a, "b", b)
+    if a.dim() != 4 or b.dim() != 4:
+        raise ValueError(
+            f"relu_cat: a and b must be 4-D (N, C, H, W), got {tuple(a.shape)}, {tuple(b.shape)}"
+        )
+    if a.shape[0] != b.shape[0] or a.shape[2:] != b.shape[2:]:
+        raise ValueError(
+            "relu_cat: a and b must agree in every dimension but channels, got "
+            f"{tuple(a.shape)} and {tuple(b.shape)}"
+        )
+
+
+def check_add_relu_inputs(x: torch.Tensor, residual: torch.Tensor) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the problem if ``add_relu_(x, residual)`` is
+    undefined (no broadcasting: the result is written into x)."""
+    _check_dtype_device("add_relu_", "x", x, "residual", residual)
+    if x.shape != residual.shape:
+        raise ValueError(
+            f"add_relu_: x and residual must have one shape, got {tuple(x.shape)} and "
+            f"{tuple(residual.shape)}"
+        )
+
+
+def _relu_cat_empty(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    n, ca, h, w = a.shape
+    return torch.empty(
+        (n, ca + b.shape[1], h, w),
+        dtype=a.dtype,
+        device=a.device,
+        memory_format=relu_cat_memory_format(a, b),
+    )
+
+
+def _device_context(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers (any device Triton runs on: CUDA, or the CPU through the interpreter)
+# --------------------------------------------------------------------------------------------
+def relu_cat_triton(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``relu(cat([a, b], dim=1))`` in one Triton kernel.
+
+    Args:
+        a: (N, Ca, H, W) float16, bfloat16, float32 or float64.
+        b: (N, Cb, H, W), same dtype and device; a and b both contiguous or both channels_last.
+
+    Returns:
+        (N, Ca + Cb, H, W) in the inputs' memory format. No autograd.
+    """
+    check_relu_cat_inputs(a, b)
+    layout = dense_layout(a, b)
+    if layout is None:
+        raise ValueError(
+            "relu_cat_triton: a and b must both be contiguous or both channels_last, got strides "
+            f"{a.stride()} and {b.stride()} (torch.ops.scconv.relu_cat accepts any strides)"
+        )
+    out = _relu_cat_empty(a, b)
+    if out.numel() == 0:
+        return out
+    n, ca, h, w = a.shape
+    cb = b.shape[1]
+    if layout == torch.channels_last:
+        outer, row_a, row_b = n * h * w, ca, cb
+    else:
+        outer, row_a, row_b = n, ca * h * w, cb * h * w
+    row = row_a + row_b
+    if row > _INT32_LIMIT:
+        # Row lengths are int32 inside the kernel (one image of 2**31 elements in NCHW).
+        raise ValueError(f"relu_cat_triton: {row} elements per image is too many for the kernel")
+    block_r = min(BLOCK_ELEMENTS, triton.next_power_of_2(row))
+    block_o = BLOCK_ELEMENTS // block_r
+    programs = triton.cdiv(outer, block_o) * triton.cdiv(row, block_r)
+    with _device_context(a):
+        _relu_cat_kernel[(programs,)](
+            a, b, out, outer, row_a, row_b,
+            BLOCK_O=block_o,
+            BLOCK_R=block_r,
+            WIDE_INDEX=out.numel() > _INT32_LIMIT,
+            num_warps=NUM_WARPS,
+        )  # fmt: skip
+    return out
+
+
+def add_relu_triton_(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``x <- relu(x + residual)`` in place, in one Triton kernel; returns x.
+
+    Args:
+        x: float16, bfloat16, float32 or float64, dense (contiguous or channels_last).
+        residual: same shape, dtype, device and strides as x.
+    """
+    check_add_relu_inputs(x, residual)
+    if dense_layout(x) is None or x.stride() != residual.stride():
+        raise ValueError(
+            "add_relu_triton_: x and residual must be dense with equal strides, got "
+            f"{x.stride()} and {residual.stride()} (torch.ops.scconv.add_relu_ accepts any)"
+        )
+    numel = x.numel()
+    if numel == 0:
+        return x
+    with _device_context(x):
+        _add_relu_kernel[(triton.cdiv(numel, BLOCK_ELEMENTS),)](
+            x,
+            residual,
+            numel,
+            BLOCK=BLOCK_ELEMENTS,
+            WIDE_INDEX=numel > _INT32_LIMIT,
+            COMPUTE_DTYPE=tl.float64 if x.dtype == torch.float64 else tl.float32,
+            num_warps=NUM_WARPS,
+        )
+    return x
+
+
+# --------------------------------------------------------------------------------------------
+# Composite versions (the custom ops' path off CUDA, and for strides the kernels do not take)
+# --------------------------------------------------------------------------------------------
+def relu_cat_composite(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``relu(cat([a, b], dim=1))`` with ATen ops, each half written once (no cat copy)."""
+    out = _relu_cat_empty(a, b)
+    ca = a.shape[1]
+    # clamp_min(x, 0) is what torch.relu computes; out= writes straight into each half.
+    torch.clamp_min(a, 0, out=out[:, :ca])
+    torch.clamp_min(b, 0, out=out[:, ca:])
+    return out
+
+
+def add_relu_composite_(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``x <- relu(x + residual)`` in place with two ATen ops; returns x."""
+    return x.add_(residual).relu_()
+
+
+# --------------------------------------------------------------------------------------------
+# Custom ops
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("scconv::relu_cat", mutates_args=())
+def relu_cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``relu(cat([a, b], dim=1))``: Triton on CUDA for dense inputs, ATen ops otherwise."""
+    check_relu_cat_inputs(a, b)
+    per_image = (a.shape[1] + b.shape[1]) * a.shape[2] * a.shape[3]
+    if a.device.type == "cuda" and dense_layout(a, b) is not None and per_image <= _INT32_LIMIT:
+        return relu_cat_triton(a, b)
+    return relu_cat_composite(a, b)
+
+
+@relu_cat.register_fake
+def _relu_cat_fake(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    check_relu_cat_inputs(a, b)
+    return _relu_cat_empty(a, b)
+
+
+@torch.library.custom_op("scconv::add_relu_", mutates_args=("x",))
+def add_relu_(x: torch.Tensor, residual: torch.Tensor) -> None:
+    """``x <- relu(x + residual)`` in place: Triton on CUDA for dense x with residual's strides,
+    ATen ``add_`` + ``relu_`` otherwise."""
+    check_add_relu_inputs(x, residual)
+    if x.device.type == "cuda" and dense_layout(x) is not None and x.stride() == residual.stride():
+        add_relu_triton_(x, residual)
+    else:
+        add_relu_composite_(x, residual)
+
+
+@add_relu_.register_fake
+def _add_relu_fake(x: torch.Tensor, residual: torch.Tensor) -> None:
+    check_add_relu_inputs(x, residual)
