@@ -1,0 +1,131 @@
+"""Whole-network checks of the Triton gate: SCNet-50 with gate="triton" against gate="eager".
+
+A random 50-layer network amplifies an ulp of difference in one sigmoid to about 1e-4 at the
+logits, so residual branches are damped and BatchNorm gets non-trivial statistics (the
+``perturb_batchnorm`` fixture, DESIGN.md "Testing whole networks"); then a correct fused gate
+agrees with eager to about 1e-6 relative in float32. SCNet needs inputs of about 100 px or more:
+128x128 here. On the CPU the kernels run through Triton's interpreter.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import scconv
+
+REPO = Path(__file__).resolve().parents[1]
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def _pair(perturb_batchnorm, device=DEVICE):
+    """(eager, triton) SCNet-50s in eval mode with one state dict."""
+    torch.manual_seed(0)
+    eager = perturb_batchnorm(scconv.scnet50(gate="eager")).eval().to(device)
+    triton_model = scconv.scnet50(gate="triton")
+    triton_model.load_state_dict(eager.state_dict())  # a checkpoint moves between gates
+    return eager, triton_model.eval().to(device)
+
+
+def _assert_close_scaled(actual, expected, what, rtol):
+    """|actual - expected| <= rtol * max|expected| (gradients of different layers vary in scale)."""
+    scale = expected.abs().max().item()
+    error = (actual - expected).abs().max().item()
+    assert error <= rtol * scale + 1e-12, f"{what}: max error {error:.3g}, scale {scale:.3g}"
+
+
+@pytest.mark.slow  # about 55 s on the 2-core CPU (interpreter kernels and eager SCNet-50)
+def test_scnet50_eval_outputs_and_parameter_gradients_match(perturb_batchnorm):
+    eager, triton_model = _pair(perturb_batchnorm)
+    images = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    weights = torch.randn(1, 1000, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+
+    outputs = {}
+    for name, model in (("eager", eager), ("triton", triton_model)):
+        logits = model(images)
+        (logits * weights).sum().backward()
+        outputs[name] = logits.detach()
+    _assert_close_scaled(outputs["triton"], outputs["eager"], "logits", rtol=1e-5)
+    assert outputs["eager"].std() > 1e-2  # the logits carry signal, not a constant
+
+    eager_params = dict(eager.named_parameters())
+    compared = 0
+    for name, param in triton_model.named_parameters():
+        expected = eager_params[name].grad
+        assert param.grad is not None and expected is not None, name
+        _assert_close_scaled(param.grad, expected, name, rtol=1e-4)
+        compared += 1
+    assert compared == len(eager_params)
+    # The gated branch has gradients at all: the k2 convolution of the first SC-Conv.
+    assert triton_model.layer1[0].scconv.k2[1].weight.grad.abs().max() > 0
+
+
+@pytest.mark.slow  # about 105 s with a cold inductor cache on the 2-core CPU (25 s warm)
+def test_scnet50_torch_compile_fullgraph_matches(perturb_batchnorm):
+    eager, triton_model = _pair(perturb_batchnorm)
+    images = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    compiled = torch.compile(triton_model, fullgraph=True)
+    start = time.perf_counter()
+    with torch.no_grad():
+        actual = compiled(images)
+        expected = eager(images)
+    elapsed = time.perf_counter() - start
+    _assert_close_scaled(actual, expected, "compiled logits", rtol=1e-5)
+    print(f"torch.compile(fullgraph=True) SCNet-50 first call: {elapsed:.1f} s")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_scnet50_cuda_batch_matches(perturb_batchnorm, memory_format, monkeypatch):
+    # TF32 convolutions would round the two models' (ulp-apart) activations differently.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    eager, triton_model = _pair(perturb_batchnorm)
+    eager = eager.to(memory_format=memory_format)
+    triton_model = triton_model.to(memory_format=memory_format)
+    images = torch.randn(8, 3, 224, 224, device="cuda").contiguous(memory_format=memory_format)
+    weights = torch.randn(8, 1000, device="cuda")
+    logits = {}
+    for name, model in (("eager", eager), ("triton", triton_model)):
+        out = model(images)
+        (out * weights).sum().backward()
+        logits[name] = out.detach()
+    _assert_close_scaled(logits["triton"], logits["eager"], "logits", rtol=1e-4)
+    eager_params = dict(eager.named_parameters())
+    for name, param in triton_model.named_parameters():
+        _assert_close_scaled(param.grad, eager_params[name].grad, name, rtol=1e-3)
+
+
+def test_compile_imports_the_op_while_tracing():
+    """A fresh process whose first triton gate call happens inside torch.compile's tracing.
+
+    scconv.gating imports kernels.sc_gate lazily and kernels.sc_gate imports the custom op
+    lazily, so dynamo meets both imports during tracing; fullgraph=True must still hold.
+    """
+    code = """
+        import sys, torch, scconv
+        from scconv.gating import sc_gate
+        assert "kernels.op" not in sys.modules
+        x = torch.randn(1, 2, 8, 8, requires_grad=True)
+        k2, k3 = torch.randn(1, 2, 2, 2), torch.randn(1, 2, 8, 8)
+        compiled = torch.compile(lambda x, k2, k3: sc_gate(x, k2, k3, "triton") * 2, fullgraph=True)
+        out = compiled(x, k2, k3)
+        out.sum().backward()
+        torch.testing.assert_close(out, sc_gate(x, k2, k3, "eager") * 2)
+        print("ok")
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")
