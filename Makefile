@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(BIN)/python -m scconv summary
+	$(BIN)/python -m bench --out $(BENCH_OUT)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,0 +1,156 @@
+"""Correctness pass of the Triton gating kernels: ``python -m bench.check``.
+
+Runs ``kernels.sc_gate`` forward and backward on small shapes (odd sizes, pooling ratios 3 and 4,
+1x1 k2), in fp32, fp16 and bf16, NCHW and channels_last, and compares out, dx, dk2 and dk3 with
+the eager reference computed in float64 from the same inputs. On a GPU the SCNet gating shapes
+at batch 2 are added.
+
+Without a GPU the kernels run through Triton's interpreter (``kernels`` switches it on when it is
+imported first, as here). Nothing here is timed: the interpreter's speed says nothing about the
+kernels' speed. Writes ``gating_correctness.csv``; exits with status 1 if any check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import kernels  # first: on a CPU-only machine this switches Triton's interpreter on
+from bench.common import default_device, default_out_dir, log, metadata, write_csv
+from bench.gating import GATING_SHAPES, LAYOUTS, GatingShape, make_inputs
+from kernels.reference import sc_gate_reference
+
+# (atol, rtol) against float64 math on the same inputs. The kernels compute in float32 and round
+# once, so the error is about half an ulp of the output dtype (fp16 4.9e-4, bf16 3.9e-3).
+TOLERANCES = {"fp32": (1e-5, 1e-5), "fp16": (2e-3, 2e-3), "bf16": (1e-2, 1e-2)}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# Small shapes the interpreter runs in well under a second each, chosen for what they exercise.
+CHECK_SHAPES = (
+    GatingShape("odd 9x7 <- 2x1", 3, 9, 7, 2, 1, {}),  # odd sizes, non-square k2
+    GatingShape("r=4 16x16 <- 4x4", 8, 16, 16, 4, 4, {}),  # SCNet's pooling ratio
+    GatingShape("46x46 <- 14x14", 2, 46, 46, 14, 14, {}),  # float32 index rounding matters
+    GatingShape("7x7 <- 1x1", 8, 7, 7, 1, 1, {}),  # layer4: one k2 pixel per plane
+)
+
+
+def _excess(actual: torch.Tensor, expected: torch.Tensor, dtype: str) -> tuple[float, float]:
+    """(max |error|, max |error| / (atol + rtol |expected|)): the check passes when <= 1."""
+    atol, rtol = TOLERANCES[dtype]
+    error = (actual.double() - expected).abs()
+    return float(error.max()), float((error / (atol + rtol * expected.abs())).max())
+
+
+def exact_gate(x: torch.Tensor, k2: torch.Tensor, k3: torch.Tensor) -> torch.Tensor:
+    """The gating in float64 with PyTorch's float32 nearest-upsample index map.
+
+    ``F.interpolate`` on float64 tensors computes its scale in float64, which maps some rows
+    differently (e.g. H = 74 from h = 24) from float32/16/bf16 tensors. So the map comes from
+    interpolating a float32 image of source indices, and k2 is gathered from it.
+    """
+    h, w = k2.shape[-2:]
+    H, W = x.shape[-2:]
+    index_image = torch.arange(h * w, dtype=torch.float32, device=k2.device).view(1, 1, h, w)
+    index = F.interpolate(index_image, size=(H, W), mode="nearest").long().flatten()
+    upsampled = k2.flatten(-2)[..., index].unflatten(-1, (H, W))
+    return k3 * torch.sigmoid(x + upsampled)
+
+
+def check_case(
+    shape: GatingShape, batch: int, dtype: str, layout: str, device: str, impl=None
+) -> list[dict]:
+    """Compare ``impl`` (default ``kernels.sc_gate``) with float64 math on one case; one row
+    per tensor (out, dx, dk2, dk3)."""
+    impl = impl or kernels.sc_gate
+    x, k2, k3, g = make_inputs(shape, batch, DTYPES[dtype], layout, device, seed=1)
+    # Truth: float64 math on the very same (rounded) inputs.
+    exact_inputs = [t.detach().double().requires_grad_() for t in (x, k2, k3)]
+    exact_out = exact_gate(*exact_inputs)
+    exact = [exact_out.detach(), *torch.autograd.grad(exact_out, exact_inputs, g.double())]
+    # The eager reference in the low dtype, for context: how far the four ATen ops are.
+    eager_inputs = [t.detach().requires_grad_() for t in (x, k2, k3)]
+    eager_out = sc_gate_reference(*eager_inputs)
+    eager = [eager_out.detach(), *torch.autograd.grad(eager_out, eager_inputs, g)]
+
+    triton_inputs = [t.detach().requires_grad_() for t in (x, k2, k3)]
+    triton_out = impl(*triton_inputs)
+    fused = [triton_out.detach(), *torch.autograd.grad(triton_out, triton_inputs, g)]
+
+    rows = []
+    for name, actual, reference, expected in zip(
+        ("out", "dx", "dk2", "dk3"), fused, eager, exact, strict=True
+    ):
+        max_abs, excess = _excess(actual, expected, dtype)
+        eager_abs, _ = _excess(reference, expected, dtype)
+        rows.append(
+            {
+                "case": shape.stage,
+                "batch": batch,
+                "C": shape.C,
+                "H": shape.H,
+                "W": shape.W,
+                "h": shape.h,
+                "w": shape.w,
+                "dtype": dtype,
+                "layout": layout,
+                "tensor": name,
+                "layout_kept": actual.is_contiguous(memory_format=_format(layout)),
+                "max_abs_err": max_abs,
+                "err_over_tol": excess,
+                "eager_max_abs_err": eager_abs,
+                "atol": TOLERANCES[dtype][0],
+                "rtol": TOLERANCES[dtype][1],
+                "passed": bool(excess <= 1.0 and torch.isfinite(actual).all()),
+            }
+        )
+    return rows
+
+
+def _format(layout: str):
+    return torch.channels_last if layout == "channels_last" else torch.contiguous_format
+
+
+def run(out_dir: str | Path, *, device: str | None = None, shapes=None) -> Path:
+    """Run every case (``shapes``: default ``CHECK_SHAPES``, plus the SCNet shapes on a GPU);
+    write ``gating_correctness.csv`` into ``out_dir``."""
+    device = device or default_device()
+    cases = [(shape, 2) for shape in (shapes or CHECK_SHAPES)]
+    if device == "cuda" and shapes is None:
+        cases += [(shape, 2) for shape in GATING_SHAPES]
+    meta = metadata(device)
+    meta["timer"] = "none (correctness only)"
+    interpreted = device != "cuda"
+    rows = []
+    for shape, batch in cases:
+        for dtype in TOLERANCES:
+            for layout in LAYOUTS:
+                for row in check_case(shape, batch, dtype, layout, device):
+                    rows.append({**row, "interpreter": interpreted, **meta})
+        log(f"check: {shape.stage} done ({'interpreter' if interpreted else device})")
+    return write_csv(rows, Path(out_dir) / "gating_correctness.csv")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.check", description=__doc__)
+    parser.add_argument("--out", default=None, help="output directory (default bench/results/..)")
+    parser.add_argument("--quick", action="store_true", help="only the first shape (dry runs)")
+    args = parser.parse_args(argv)
+    device = default_device()
+    out = Path(args.out) if args.out else default_out_dir(device)
+    path = run(out, device=device, shapes=CHECK_SHAPES[:1] if args.quick else None)
+    import pandas as pd
+
+    frame = pd.read_csv(path)
+    failed = frame[~frame["passed"]]
+    print(f"wrote {path}: {len(frame) - len(failed)}/{len(frame)} checks passed")
+    if len(failed):
+        print(failed[["case", "dtype", "layout", "tensor", "max_abs_err", "err_over_tol"]])
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,467 @@
+"""Shared helpers of the benchmarks: run metadata, timing, copy bandwidth, CSV output, progress.
+
+Every CSV row the benchmarks write carries the same metadata columns (``META_COLUMNS``): the
+device, the GPU name, driver, CUDA, torch and triton versions, git commit and the run's timestamp,
+and the timer that produced the number. Two timers exist and are never mixed in one row:
+
+- ``TIMER_CUDA``: ``triton.testing.do_bench`` (CUDA events, warm-up excluded, L2 flushed before
+  each call), median with 20th and 80th percentiles;
+- ``TIMER_CPU``: ``time.perf_counter`` around each call on the CPU (CPU mode only; labelled so
+  that a CPU number is never read as a GPU one), same three quantiles.
+
+``triton`` is imported lazily: the interpreter switch ``TRITON_INTERPRET`` must be decided by the
+caller before triton is first imported.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
+
+TIMER_CUDA = "cuda-events (triton.testing.do_bench)"
+TIMER_CPU = "cpu perf_counter (CPU mode, not GPU speed)"
+QUANTILES = (0.5, 0.2, 0.8)
+
+META_COLUMNS = (
+    "device",  # "cuda" or "cpu"
+    "device_name",  # the GPU's name, or the CPU model in CPU mode: what plot titles show
+    "gpu_name",  # torch.cuda.get_device_name(), "none" without a GPU
+    "driver",  # NVIDIA driver version, "none" without a GPU
+    "cuda",  # CUDA version torch was built with
+    "torch",
+    "triton",
+    "cpu_threads",  # torch.get_num_threads() during the run
+    "git_commit",
+    "timestamp",  # start of the run, UTC, ISO 8601; identical for every row of one run
+    "timer",
+)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """``"fp32"``/``"fp16"``/``"bf16"`` -> torch dtype; anything else is a ``ValueError``."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; valid dtypes are {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch dtype -> ``"fp32"``/``"fp16"``/``"bf16"``."""
+    for name, value in DTYPES.items():
+        if value == dtype:
+            return name
+    raise ValueError(f"no short name for dtype {dtype}")
+
+
+def slugify(name: str) -> str:
+    """A directory name for a device: ``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia-h100-80gb-hbm3"``."""
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    if not slug:
+        raise ValueError(f"cannot make a directory name from {name!r}")
+    return slug
+
+
+# --------------------------------------------------------------------------------------------
+# Metadata
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def _nvidia_driver() -> str:
+    """The NVIDIA driver version from nvidia-smi; the CUDA driver API version if that fails."""
+    try:
+        result = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        )
+        first = result.stdout.strip().splitlines()
+        if first:
+            return first[0].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        version = torch._C._cuda_getDriverVersion()  # e.g. 12040 for CUDA driver API 12.4
+        return f"cuda-driver-api {version // 1000}.{version % 1000 // 10}"
+    except (AttributeError, RuntimeError):
+        return "unknown"
+
+
+def git_commit(repo: Path = REPO_ROOT) -> str:
+    """Commit hash of ``repo``, with ``+dirty`` when files outside ``bench/results`` differ from
+    it or are new; "none" without commits, "unknown" outside a git repository."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        if head.returncode != 0:
+            # A repository without commits, or no repository at all (e.g. a copied tree).
+            inside = subprocess.run(
+                ["git", "rev-parse", "--git-dir"], cwd=repo, capture_output=True, timeout=20
+            )
+            return "none" if inside.returncode == 0 else "unknown"
+        # Dirty: code that differs from the commit, tracked or new (results are not code).
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--", ".", ":(exclude)bench/results"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        dirty = status.returncode != 0 or bool(status.stdout.strip())
+        return head.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _triton_version() -> str:
+    # importlib.metadata does not import triton, so the interpreter switch stays free.
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("triton")
+    except PackageNotFoundError:
+        return "none"
+
+
+@functools.cache
+def _static_metadata(device: str) -> tuple[tuple[str, str], ...]:
+    cuda = device == "cuda"
+    gpu = torch.cuda.get_device_name() if cuda else "none"
+    return (
+        ("device", device),
+        ("device_name", gpu if cuda else _cpu_model()),
+        ("gpu_name", gpu),
+        ("driver", _nvidia_driver() if cuda else "none"),
+        ("cuda", torch.version.cuda or "none"),
+        ("torch", torch.__version__),
+        ("triton", _triton_version()),
+        ("git_commit", git_commit()),
+    )
+
+
+def run_timestamp() -> str:
+    """The run's timestamp: ``$SCCONV_BENCH_TIMESTAMP`` (set by ``python -m bench`` for all its
+    stages) or now, UTC."""
+    stamp = os.environ.get("SCCONV_BENCH_TIMESTAMP")
+    if stamp:
+        return stamp
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def metadata(device: str, timestamp: str | None = None) -> dict[str, object]:
+    """The ``META_COLUMNS`` values for rows measured on ``device`` (``"cuda"`` or ``"cpu"``)."""
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device must be 'cuda' or 'cpu', not {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("metadata for 'cuda' requested but no CUDA device is available")
+    meta: dict[str, object] = dict(_static_metadata(device))
+    meta["cpu_threads"] = torch.get_num_threads()
+    meta["timestamp"] = timestamp or run_timestamp()
+    meta["timer"] = TIMER_CUDA if device == "cuda" else TIMER_CPU
+    return {column: meta[column] for column in META_COLUMNS}
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_out_dir(device: str, results_dir: Path = RESULTS_DIR) -> Path:
+    """``bench/results/cpu`` in CPU mode, ``bench/results/<gpu-name>`` on a GPU."""
+    if device == "cpu":
+        return results_dir / "cpu"
+    return results_dir / slugify(torch.cuda.get_device_name())
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Milliseconds per call: median and the 20th/80th percentiles, and the timer used."""
+
+    ms: float
+    ms_p20: float
+    ms_p80: float
+    timer: str
+
+    def as_row(self) -> dict[str, float]:
+        return {"ms": self.ms, "ms_p20": self.ms_p20, "ms_p80": self.ms_p80}
+
+
+def _quantiles(samples: Sequence[float]) -> tuple[float, float, float]:
+    ordered = torch.tensor(sorted(samples), dtype=torch.float64)
+    q = torch.quantile(ordered, torch.tensor(QUANTILES, dtype=torch.float64))
+    return float(q[0]), float(q[1]), float(q[2])
+
+
+def time_cuda(
+    fn: Callable[[], object],
+    *,
+    warmup_ms: float = 25,
+    rep_ms: float = 100,
+    grad_to_none: Sequence[torch.Tensor] | None = None,
+    min_reps: int = 1,
+) -> Timing:
+    """Time ``fn`` on the GPU with ``triton.testing.do_bench`` (CUDA events, L2 flushed).
+
+    ``do_bench`` repeats ``fn`` for about ``rep_ms``; for calls slower than ``rep_ms / min_reps``
+    (a training step) the span is stretched so that at least ``min_reps`` calls are timed.
+    """
+    import triton.testing
+
+    if min_reps > 1:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        rep_ms = max(rep_ms, 1.2 * min_reps * (time.perf_counter() - start) * 1e3)
+    median, p20, p80 = triton.testing.do_bench(
+        fn,
+        warmup=warmup_ms,
+        rep=rep_ms,
+        grad_to_none=list(grad_to_none) if grad_to_none else None,
+        quantiles=list(QUANTILES),
+    )
+    return Timing(float(median), float(p20), float(p80), TIMER_CUDA)
+
+
+def time_cpu(
+    fn: Callable[[], object],
+    *,
+    warmup_ms: float = 25,
+    rep_ms: float = 100,
+    min_reps: int = 3,
+    max_reps: int = 1000,
+) -> Timing:
+    """Time ``fn`` on the CPU with ``time.perf_counter``: at least one warm-up call, then calls
+    until ``rep_ms`` have passed (at least ``min_reps``, at most ``max_reps``)."""
+    if min_reps < 1 or max_reps < min_reps:
+        raise ValueError(f"need 1 <= min_reps <= max_reps, got {min_reps}, {max_reps}")
+    start = time.perf_counter()
+    fn()
+    while (time.perf_counter() - start) * 1e3 < warmup_ms:
+        fn()
+    samples: list[float] = []
+    start = time.perf_counter()
+    while len(samples) < max_reps and (
+        len(samples) < min_reps or (time.perf_counter() - start) * 1e3 < rep_ms
+    ):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    median, p20, p80 = _quantiles(samples)
+    return Timing(median, p20, p80, TIMER_CPU)
+
+
+def time_fn(fn: Callable[[], object], device: str, **kwargs) -> Timing:
+    """``time_cuda`` on ``"cuda"``, ``time_cpu`` on ``"cpu"``; options the other timer does not
+    take (``grad_to_none``, ``max_reps``) are dropped."""
+    if device == "cuda":
+        kwargs.pop("max_reps", None)
+        return time_cuda(fn, **kwargs)
+    if device == "cpu":
+        kwargs.pop("grad_to_none", None)
+        return time_cpu(fn, **kwargs)
+    raise ValueError(f"device must be 'cuda' or 'cpu', not {device!r}")
+
+
+def copy_bandwidth(device: str, nbytes: int | None = None, **timing_kwargs) -> dict[str, float]:
+    """Device-to-device copy bandwidth, GB/s (1e9 bytes/s), counting bytes read plus written.
+
+    This is the roof the gating is compared with: a fused elementwise kernel cannot move bytes
+    faster than ``dst.copy_(src)`` does. Defaults: 1 GiB on a GPU (far past the L2), 64 MiB on
+    the CPU.
+    """
+    if nbytes is None:
+        nbytes = (1 << 30) if device == "cuda" else (64 << 20)
+    if nbytes < 4 or nbytes % 4:
+        raise ValueError(f"nbytes must be a positive multiple of 4, got {nbytes}")
+    src = torch.randn(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    timing = time_fn(lambda: dst.copy_(src), device, **timing_kwargs)
+    moved = 2 * nbytes
+    return {
+        "copy_bytes": moved,
+        "copy_gbps": moved / timing.ms / 1e6,
+        # The slowest percentile gives the lowest bandwidth.
+        "copy_gbps_p20": moved / timing.ms_p80 / 1e6,
+        "copy_gbps_p80": moved / timing.ms_p20 / 1e6,
+        "copy_ms": timing.ms,
+    }
+
+
+def peak_memory_mib(fn: Callable[[], object], device: str) -> float:
+    """Peak CUDA memory allocated while running ``fn`` once, MiB; NaN on the CPU (not tracked)."""
+    if device != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _atomic_write(path: Path, write: Callable) -> Path:
+    """Call ``write(handle)`` on a temporary file beside ``path``, then rename it to ``path``:
+    readers see the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as handle:
+            write(handle)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_csv(rows: Iterable[dict] | object, path: str | os.PathLike) -> Path:
+    """Write rows (dicts or a DataFrame) to ``path`` atomically: temp file, then ``os.replace``."""
+    import pandas as pd
+
+    frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
+    return _atomic_write(Path(path), lambda handle: frame.to_csv(handle, index=False))
+
+
+def write_text(text: str, path: str | os.PathLike) -> Path:
+    """Write ``text`` to ``path`` atomically."""
+    return _atomic_write(Path(path), lambda handle: handle.write(text))
+
+
+class ResultWriter:
+    """Collects rows and rewrites the CSV (atomically) at most every ``every_s`` seconds, so a
+    run that is stopped keeps what it measured."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        meta: dict[str, object],
+        every_s: float = 5.0,
+        transform: Callable | None = None,
+    ):
+        """``transform``: DataFrame -> DataFrame applied to all rows at every write (e.g. to add
+        columns computed across rows)."""
+        self.path = Path(path)
+        self.meta = dict(meta)
+        self.transform = transform
+        self.rows: list[dict] = []
+        self.every_s = every_s
+        self._last = 0.0
+
+    def add(self, row: dict) -> None:
+        self.rows.append({**row, **self.meta})
+        if time.monotonic() - self._last >= self.every_s:
+            self.flush()
+
+    def flush(self) -> Path | None:
+        self._last = time.monotonic()
+        if not self.rows:
+            return None
+        if self.transform is None:
+            return write_csv(self.rows, self.path)
+        import pandas as pd
+
+        return write_csv(self.transform(pd.DataFrame(self.rows)), self.path)
+
+
+# --------------------------------------------------------------------------------------------
+# Long runs: progress lines and a time budget
+
+
+class Budget:
+    """A wall-clock allowance in seconds (``None``: unlimited)."""
+
+    def __init__(self, seconds: float | None):
+        if seconds is not None and seconds < 0:
+            raise ValueError(f"budget must be >= 0 seconds, got {seconds}")
+        self.seconds = seconds
+        self.start = time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def remaining(self) -> float:
+        if self.seconds is None:
+            return float("inf")
+        return self.seconds - self.elapsed()
+
+    def allows(self, estimate_s: float = 0.0) -> bool:
+        """Whether something expected to take ``estimate_s`` seconds still fits."""
+        return self.remaining() > estimate_s
+
+
+class Progress:
+    """One line per step on stderr: ``[gating 12/126  9%  31s, ~4m10s left] label``."""
+
+    def __init__(self, name: str, total: int, stream=None):
+        self.name = name
+        self.total = max(int(total), 0)
+        self.done = 0
+        self.start = time.monotonic()
+        self.stream = stream if stream is not None else sys.stderr
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        elapsed = time.monotonic() - self.start
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        left = elapsed / self.done * (self.total - self.done) if self.done else 0.0
+        print(
+            f"[{self.name} {self.done}/{self.total} {pct:3.0f}% {_fmt_s(elapsed)}, "
+            f"~{_fmt_s(left)} left] {label}",
+            file=self.stream,
+            flush=True,
+        )
+
+
+def _fmt_s(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def log(message: str) -> None:
+    """A progress/status line on stderr (stdout is kept for results and the final summary)."""
+    print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The whole GPU benchmark suite in one command, for a machine with one CUDA GPU and no network.
+#
+#   bench/gpu.sh [OUTDIR]            default OUTDIR: bench/results/<gpu-name>, e.g. nvidia-h100-80gb-hbm3
+#   bench/gpu.sh [OUTDIR] --dry-run  the same pipeline on the CPU with tiny inputs (a plumbing
+#                                    check; default OUTDIR: $TMPDIR/scconv-bench-dry-run)
+#
+# Needs python3 with torch, triton, torchvision, pandas and matplotlib already installed: nothing
+# is installed, the repository is imported through PYTHONPATH=. (no pip install). Runs check ->
+# autotune sweep (writes kernels/tuned_configs.json) -> gating -> models -> plots, each stage
+# skipping what no longer fits in the time budget, writes everything to OUTDIR (log.txt included)
+# and prints the summary last.
+#
+# Environment: PYTHON (default python3), SCCONV_BENCH_BUDGET_S (default 470: seconds for the
+# measuring stages, chosen to keep the whole run under 9 minutes on one H100 with ~70 s for
+# start-up, plots and summary; raise it for a fuller grid), SCCONV_BENCH_DRY_RUN=1 (= --dry-run).
+set -euo pipefail
+
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
+
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+OUT=""
+DRY_RUN="${SCCONV_BENCH_DRY_RUN:-0}"
+for arg in "$@"; do
+    case "$arg" in
+        --dry-run) DRY_RUN=1 ;;
+        -h|--help) usage; exit 0 ;;
+        -*) echo "bench/gpu.sh: unknown option $arg" >&2; usage >&2; exit 2 ;;
+        *)
+            if [[ -n "$OUT" ]]; then echo "bench/gpu.sh: one OUTDIR only" >&2; exit 2; fi
+            OUT="$arg" ;;
+    esac
+done
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+
+if [[ "$DRY_RUN" == 1 ]]; then
+    OUT="${OUT:-${TMPDIR:-/tmp}/scconv-bench-dry-run}"
+    mkdir -p "$OUT"
+    # pipefail: the pipeline fails when python does; the summary stays the last output.
+    "$PY" -m bench --out "$OUT" --dry-run 2>&1 | tee "$OUT/log.txt"
+    exit 0
+fi
+
+if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+    echo "bench/gpu.sh: no CUDA GPU visible to $PY; use 'make bench' for the CPU mode," \
+         "or --dry-run for a plumbing check" >&2
+    exit 2
+fi
+if [[ -z "$OUT" ]]; then
+    OUT="$("$PY" -c 'from bench.common import default_out_dir; print(default_out_dir("cuda"))')"
+fi
+mkdir -p "$OUT"
+echo "bench/gpu.sh: writing to $OUT (budget ${SCCONV_BENCH_BUDGET_S:-470}s)" >&2
+"$PY" -m bench --out "$OUT" --budget-s "${SCCONV_BENCH_BUDGET_S:-470}" 2>&1 | tee "$OUT/log.txt"

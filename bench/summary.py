@@ -1,0 +1,215 @@
+"""The short text summary printed last by ``python -m bench``: ``python -m bench.summary DIR``.
+
+Reads only the CSVs in ``DIR``; every number it prints is one of theirs (or a sum/ratio of them,
+said so in the line).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+
+from bench.plots import device_label, gating_subset, models_subset
+
+
+def _read(out_dir: Path, name: str) -> pd.DataFrame | None:
+    path = out_dir / name
+    if not path.exists():
+        return None
+    frame = pd.read_csv(path)
+    return None if frame.empty else frame
+
+
+def network_gating(frame: pd.DataFrame, model: str = "scnet50") -> pd.DataFrame:
+    """Whole-network gating per provider and mode: the sum over gating shapes of median time x
+    number of blocks of ``model`` at that shape; achieved GB/s and % of copy from the summed
+    minimal bytes. Only providers/modes with every shape measured are kept."""
+    column = f"blocks_{model}"
+    subset, _ = gating_subset(frame)
+    stages = subset["stage"].nunique()
+    rows = []
+    for (provider, mode), part in subset.groupby(["provider", "mode"], sort=False):
+        if part["stage"].nunique() < stages:
+            continue
+        ms = float((part["ms"] * part[column]).sum())
+        nbytes = float((part["minimal_bytes"] * part[column]).sum())
+        gbps = nbytes / ms / 1e6
+        rows.append(
+            {
+                "provider": provider,
+                "mode": mode,
+                "ms": ms,
+                "gbps": gbps,
+                "pct_of_copy": 100 * gbps / float(part["copy_gbps"].iloc[0]),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def summarize(out_dir) -> str:
+    """The summary text for the CSVs in ``out_dir``."""
+    out_dir = Path(out_dir)
+    lines = ["", "=" * 78, f"scconv benchmark summary ({out_dir})", "=" * 78]
+    frames = {
+        name: _read(out_dir, f"{name}.csv")
+        for name in (
+            "bandwidth",
+            "gating",
+            "gating_correctness",
+            "models",
+            "breakdown",
+            "sweep",
+            "models_skipped",
+            "model_summary",
+            "aten_ops",
+        )
+    }
+    any_frame = next((f for f in frames.values() if f is not None and "device" in f), None)
+    if any_frame is None:
+        lines.append("no results found")
+        return "\n".join(lines)
+    first = any_frame.iloc[0]
+    lines.append(f"device: {device_label(any_frame)}")
+    lines.append(
+        f"driver {first['driver']}, CUDA {first['cuda']}, torch {first['torch']}, "
+        f"triton {first['triton']}, commit {first['git_commit']}, run {first['timestamp']}"
+    )
+    if first["device"] != "cuda":
+        lines.append(
+            "CPU MODE: times are CPU times on this machine; they say nothing about GPU speed."
+        )
+
+    bandwidth = frames["bandwidth"]
+    if bandwidth is not None:
+        lines.append(f"device copy bandwidth: {bandwidth['copy_gbps'].iloc[0]:.1f} GB/s")
+
+    summary = frames["model_summary"]
+    if summary is not None:
+        lines.append("")
+        lines.append("models (python -m scconv summary):")
+        for _, row in summary.iterrows():
+            lines.append(
+                f"  {row['model']:<14} {row['params_M']:7.2f} M params  "
+                f"{row['GMACs']:5.2f} GMACs at {row['input']}"
+            )
+
+    gating = frames["gating"]
+    if gating is not None:
+        subset, label = gating_subset(gating)
+        gates = int(subset.drop_duplicates("stage")["blocks_scnet50"].sum())
+        lines.append("")
+        grid = ", ".join(
+            f"{column} {'/'.join(str(v) for v in dict.fromkeys(gating[column]))}"
+            for column in ("provider", "batch", "dtype", "layout")
+        )
+        lines.append(f"gating: {len(gating)} measurements ({grid}); gating.csv")
+        lines.append(f"SCNet-50 gating, whole network (sum over its {gates} gates; {label}):")
+        network = network_gating(gating)
+        if network.empty:
+            lines.append("  (not every gating shape was measured)")
+        for mode, part in network.groupby("mode", sort=False):
+            by = part.set_index("provider")
+            cells = [
+                f"{p} {by.loc[p, 'ms']:.3f} ms ({by.loc[p, 'pct_of_copy']:.0f}% of copy)"
+                for p in by.index
+            ]
+            lines.append(f"  {mode:<17} " + ", ".join(cells))
+            if "triton" in by.index:
+                ratios = [
+                    f"{by.loc[p, 'ms'] / by.loc['triton', 'ms']:.2f}x vs {p}"
+                    for p in by.index
+                    if p != "triton"
+                ]
+                lines.append(f"  {'':<17} triton speed-up: " + ", ".join(ratios))
+
+    correctness = frames["gating_correctness"]
+    if correctness is not None:
+        passed = int(correctness["passed"].astype(bool).sum())
+        where = "Triton interpreter" if correctness["interpreter"].astype(bool).any() else "GPU"
+        lines.append("")
+        lines.append(
+            f"Triton gating correctness ({where}, not timed): {passed}/{len(correctness)} "
+            f"checks passed" + ("" if passed == len(correctness) else "  <-- FAILURES")
+        )
+
+    models = frames["models"]
+    if models is not None:
+        subset, label = models_subset(models)
+        lines.append("")
+        lines.append(f"models ({label}); ratio = SCNet time / ResNet time, same settings:")
+        lines.append(
+            f"  {'model':<22} {'regime':<14} {'task':<10} {'batch':>5} {'img/s':>9} {'ratio':>6}"
+        )
+        for _, row in subset.iterrows():
+            name = row["model"] if row["gate"] == "none" else f"{row['model']} [{row['gate']}]"
+            ratio = row.get("time_ratio_vs_resnet")
+            ratio = f"{ratio:6.2f}" if pd.notna(ratio) else "     -"
+            lines.append(
+                f"  {name:<22} {row['regime']:<14} {row['task']:<10} {int(row['batch']):>5} "
+                f"{row['img_per_s']:9.1f} {ratio}"
+            )
+        others = len(models) - len(subset)
+        if others:
+            lines.append(f"  (+{others} rows at other precisions/layouts in models.csv)")
+
+    breakdown = frames["breakdown"]
+    if breakdown is not None:
+        source = breakdown["time_source"].iloc[0]
+        lines.append("")
+        lines.append(f"per-op breakdown of one training forward+backward ({source}, ms):")
+        part = breakdown[breakdown["pass"].isin(["forward", "backward"])].copy()
+        part["variant"] = part.apply(
+            lambda r: r["model"] if r["gate"] == "none" else f"{r['model']} [{r['gate']}]", axis=1
+        )
+        table = part.pivot_table(
+            index="variant", columns="category", values="time_ms", aggfunc="sum", sort=False
+        )
+        table["total"] = table.sum(axis=1)
+        lines.extend("  " + line for line in table.round(2).to_string().splitlines())
+
+    aten_ops = frames["aten_ops"]
+    if aten_ops is not None:
+        lines.append("")
+        lines.append("ATen ops per forward (eval; optimized = scconv.optimize_for_inference):")
+        columns = ["model", "original", "optimized", "optimized_triton_gate", "saved"]
+        table = aten_ops[[c for c in columns if c in aten_ops]].to_string(index=False)
+        lines.extend("  " + line for line in table.splitlines())
+
+    sweep = frames["sweep"]
+    if sweep is not None:
+        winners = sweep[sweep["winner"].astype(bool)]
+        lines.append("")
+        lines.append(
+            f"autotune sweep: {sweep['table_key'].nunique()} shapes x kernels, "
+            f"{len(sweep)} timings, {len(winners)} winners"
+            + (
+                " (interpreter: plumbing only)"
+                if "interpreter" in str(sweep["timer"].iloc[0])
+                else ""
+            )  # fmt: skip
+        )
+
+    skipped = frames["models_skipped"]
+    if skipped is not None:
+        lines.append("")
+        lines.append(f"skipped: {len(skipped)} model cases (budget or memory): models_skipped.csv")
+
+    pngs = sorted(p.name for p in out_dir.glob("*.png"))
+    csvs = sorted(p.name for p in out_dir.glob("*.csv"))
+    lines.append("")
+    lines.append(f"files: {', '.join(csvs + pngs)}")
+    lines.append("=" * 78)
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.summary", description=__doc__)
+    parser.add_argument("out_dir")
+    args = parser.parse_args(argv)
+    print(summarize(args.out_dir))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""Autotuner sweep: ``python -m bench.sweep``.
+
+Times every configuration of the gating kernels' search space (``kernels.configs.search_space``)
+on the SCNet gating shapes, dtypes and layouts, checks each result against the eager reference,
+and writes the fastest correct configuration per (GPU name, kernel, ``table_key``) into the table
+``kernels`` reads (``kernels/tuned_configs.json``): shapes in the table launch their winner
+directly, shapes missing from it are autotuned at run time.
+
+Outputs: ``sweep.csv`` (one row per configuration and case) and a copy of the table in the output
+directory; ``python -m bench.plots`` draws the heat map (time per configuration and shape).
+
+On a CPU the kernels run through Triton's interpreter: ``--tiny`` then checks the plumbing on a
+tiny shape, the timer column says it is not a speed, and the table goes only to the output
+directory (never to ``kernels/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from bench.common import (
+    Budget,
+    Progress,
+    ResultWriter,
+    default_device,
+    default_out_dir,
+    dtype_from_name,
+    log,
+    metadata,
+    time_fn,
+)
+from bench.gating import (
+    GATING_SHAPES,
+    LAYOUTS,
+    TINY_SHAPES,
+    GatingShape,
+    make_inputs,
+    minimal_bytes,
+)
+from kernels.reference import sc_gate_reference
+
+TIMER_INTERPRETER = "triton interpreter (plumbing check, not a speed)"
+KERNEL_MODES = {"forward": "forward", "backward": "backward"}
+# (atol, rtol) of a configuration's result against the eager reference computed in float32.
+TOLERANCES = {"fp32": (1e-5, 1e-5), "fp16": (1e-2, 1e-2), "bf16": (2e-2, 2e-2)}
+
+
+def config_name(config) -> str:
+    """``"BLOCK_C=4,BLOCK_HW=1024,w4,s3"``: meta-parameters, warps, stages."""
+    kwargs = ",".join(f"{k}={v}" for k, v in sorted(config.kwargs.items()))
+    return f"{kwargs},w{config.num_warps},s{config.num_stages}"
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: str) -> bool:
+    atol, rtol = TOLERANCES[dtype]
+    return bool(torch.allclose(actual.float(), expected.float(), atol=atol, rtol=rtol))
+
+
+def _reference(x, k2, k3, g):
+    """Forward output and (dx, dk2, dk3) of the eager reference, computed in float32."""
+    inputs = [t.detach().float().requires_grad_() for t in (x, k2, k3)]
+    out = sc_gate_reference(*inputs)
+    grads = torch.autograd.grad(out, inputs, g.float())
+    return out.detach(), grads
+
+
+def cases(shapes, batches, dtypes, layouts):
+    """(shape, batch, dtype, layout, table_key) in priority order, one per distinct key."""
+    from kernels.configs import table_key
+
+    seen = set()
+    for batch in batches:
+        for dtype in dtypes:
+            for layout in layouts:
+                memory_format = (
+                    torch.channels_last if layout == "channels_last" else torch.contiguous_format
+                )
+                for shape in shapes:
+                    # The key depends on sizes, dtype, layout only: meta tensors allocate nothing.
+                    probe_x, probe_k2 = (
+                        torch.empty(
+                            (batch, shape.C, height, width),
+                            dtype=dtype_from_name(dtype),
+                            device="meta",
+                            memory_format=memory_format,
+                        )
+                        for height, width in ((shape.H, shape.W), (shape.h, shape.w))
+                    )
+                    key = table_key(probe_x, probe_k2)
+                    if key not in seen:
+                        seen.add(key)
+                        yield shape, batch, dtype, layout, key
+
+
+def time_configs(kernel: str, search, inputs, dtype: str, timing: dict) -> list[dict]:
+    """Check and time each configuration of ``search`` on ``inputs`` = (x, k2, k3, g).
+
+    Returns one row per configuration (``"_config"`` holds the ``triton.Config``).
+    """
+    from kernels.gate import gate_backward, gate_forward
+
+    x, k2, k3, g = inputs
+    expected_out, expected_grads = _reference(x, k2, k3, g)
+    rows = []
+    for config in search:
+        if kernel == "forward":
+
+            def launch(config=config):
+                return gate_forward(x, k2, k3, config=config)
+
+            correct = _close(launch(), expected_out, dtype)
+        else:
+
+            def launch(config=config):
+                return gate_backward(g, x, k2, k3, config=config)
+
+            correct = all(
+                _close(a, e, dtype) for a, e in zip(launch(), expected_grads, strict=True)
+            )
+        measured = time_fn(launch, x.device.type, **timing)
+        rows.append(
+            {
+                "kernel": kernel,
+                "config": config_name(config),
+                **{f"cfg_{k}": v for k, v in config.kwargs.items()},
+                "num_warps": config.num_warps,
+                "num_stages": config.num_stages,
+                **measured.as_row(),
+                "correct": correct,
+                "_config": config,
+            }
+        )
+    return rows
+
+
+def run(
+    out_dir: str | Path,
+    *,
+    device: str | None = None,
+    kernels_to_tune=("forward", "backward"),
+    shapes: tuple[GatingShape, ...] = GATING_SHAPES,
+    batches=(256, 32),
+    dtypes=("bf16", "fp16", "fp32"),
+    layouts=LAYOUTS,
+    table_path: str | Path | None = None,
+    max_configs: int | None = None,
+    budget_s: float | None = None,
+    warmup_ms: float = 5,
+    rep_ms: float = 25,
+) -> Path:
+    """Time the search space on every case; write ``sweep.csv`` and the winners' table."""
+    from kernels import configs
+    from kernels.gate import INTERPRETED
+
+    device = device or default_device()
+    out_dir = Path(out_dir)
+    for kernel in kernels_to_tune:
+        if kernel not in configs.KERNELS:
+            raise ValueError(f"unknown kernel {kernel!r}; kernels are {configs.KERNELS}")
+    if device == "cuda":
+        if INTERPRETED:
+            raise RuntimeError("CUDA is present but the kernels were built for the interpreter")
+        gpu_name = torch.cuda.get_device_name()
+        table_path = Path(table_path) if table_path else configs.TUNED_TABLE_PATH
+    else:
+        if not INTERPRETED:
+            raise RuntimeError("no CUDA device and the Triton interpreter is off")
+        gpu_name = "interpreter"
+        table_path = Path(table_path) if table_path else out_dir / "tuned_configs.json"
+        if table_path.resolve() == configs.TUNED_TABLE_PATH.resolve():
+            raise ValueError("interpreter timings must not go into kernels' tuned table")
+
+    meta = metadata(device)
+    if device == "cpu":
+        meta["timer"] = TIMER_INTERPRETER
+    timing = {"warmup_ms": warmup_ms, "rep_ms": rep_ms}
+    if device == "cpu":
+        timing = {"warmup_ms": 0, "rep_ms": 0, "min_reps": 1}
+    budget = Budget(budget_s)
+    plan = list(cases(shapes, batches, dtypes, layouts))
+    writer = ResultWriter(out_dir / "sweep.csv", meta)
+    table = configs.load_table(table_path)
+    progress = Progress("sweep", len(plan) * len(kernels_to_tune))
+    skipped = 0
+    for shape, batch, dtype, layout, key in plan:
+        if not budget.allows():
+            skipped += len(kernels_to_tune)
+            for _ in kernels_to_tune:
+                progress.step(f"{key}: skipped (budget of {budget_s:.0f}s spent)")
+            continue
+        inputs = make_inputs(shape, batch, dtype_from_name(dtype), layout, device)
+        for kernel in kernels_to_tune:
+            rows = time_configs(
+                kernel, configs.search_space(kernel)[:max_configs], inputs, dtype, timing
+            )
+            case = {"table_key": key, "stage": shape.stage, "batch": batch, "C": shape.C,
+                    "H": shape.H, "W": shape.W, "h": shape.h, "w": shape.w, "dtype": dtype,
+                    "layout": layout}  # fmt: skip
+            nbytes = minimal_bytes(shape, batch, inputs[0].element_size(), KERNEL_MODES[kernel])
+            valid = [r for r in rows if r["correct"]]
+            best = min(valid, key=lambda r: r["ms"]) if valid else None
+            best_config = best["_config"] if best else None
+            for row in rows:
+                row.pop("_config")
+                row.update(case, gbps=nbytes / row["ms"] / 1e6, winner=row is best)
+                writer.add(row)
+            if best is None:
+                log(f"sweep: no configuration of {kernel} is correct for {key}; table unchanged")
+                progress.step(f"{kernel} {key}: NO CORRECT CONFIG")
+                continue
+            table.setdefault(gpu_name, {}).setdefault(kernel, {})[key] = configs.config_to_entry(
+                best_config
+            )
+            configs.save_table(table, table_path)
+            progress.step(f"{kernel} {key}: {best['config']} {best['ms']:.4f} ms")
+        del inputs
+    path = writer.flush() or out_dir / "sweep.csv"
+    if table_path.parent.resolve() != out_dir.resolve():
+        configs.save_table(table, out_dir / "tuned_configs.json")
+    if skipped:
+        log(f"sweep: {skipped} cases skipped: budget of {budget_s:.0f}s spent")
+    log(f"sweep: winners written to {table_path}")
+    return path
+
+
+def _csv_list(text: str) -> tuple[str, ...]:
+    return tuple(item for item in text.split(",") if item)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.sweep", description=__doc__)
+    parser.add_argument("--out", default=None, help="output directory (default bench/results/..)")
+    parser.add_argument("--table", default=None, help="winners table (default: kernels' own)")
+    parser.add_argument("--kernels", type=_csv_list, default=("forward", "backward"))
+    parser.add_argument("--batches", type=lambda s: tuple(int(v) for v in _csv_list(s)))
+    parser.add_argument("--dtypes", type=_csv_list, default=None, help="fp32,fp16,bf16")
+    parser.add_argument("--layouts", type=_csv_list, default=None, help="nchw,channels_last")
+    parser.add_argument("--max-configs", type=int, default=None, help="first N configs only")
+    parser.add_argument("--tiny", action="store_true", help="one tiny shape (CPU dry runs)")
+    parser.add_argument("--budget-s", type=float, default=None, help="stop after this long")
+    args = parser.parse_args(argv)
+
+    device = default_device()
+    tiny = args.tiny or device == "cpu"
+    out = Path(args.out) if args.out else default_out_dir(device)
+    path = run(
+        out,
+        device=device,
+        kernels_to_tune=args.kernels,
+        shapes=TINY_SHAPES if tiny else GATING_SHAPES,
+        batches=args.batches or ((1,) if tiny else (256, 32)),
+        dtypes=args.dtypes or (("fp32",) if tiny else ("bf16", "fp16", "fp32")),
+        layouts=args.layouts or LAYOUTS,
+        table_path=args.table,
+        max_configs=args.max_configs,
+        budget_s=args.budget_s,
+    )
+    from bench.plots import plot_sweep
+
+    plot_sweep(path, out / "sweep_heatmap.png")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,545 @@
+"""Tests of the benchmark harness (bench/): CSV schema, plots from small CSVs, the categorising of
+profiler events, the correctness pass, the sweep's table handling, and bench/gpu.sh's dry run.
+
+Speed is never asserted. Everything runs on the CPU (the Triton kernels through the interpreter,
+on tiny shapes); the GPU-only paths are exercised by bench/gpu.sh on a GPU.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import scconv
+from bench import check, common, gating, models, plots, summary, sweep
+from kernels.reference import sc_gate_reference
+
+REPO = Path(__file__).resolve().parent.parent
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+
+
+# --------------------------------------------------------------------------------------------
+# common
+
+
+@NO_CUDA
+def test_metadata_has_every_column_and_labels_the_cpu_timer():
+    meta = common.metadata("cpu")
+    assert tuple(meta) == common.META_COLUMNS
+    assert meta["device"] == "cpu" and meta["gpu_name"] == "none"
+    assert meta["timer"] == common.TIMER_CPU and "CPU" in meta["timer"]
+    assert meta["torch"] == torch.__version__
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        common.metadata("cuda")
+    with pytest.raises(ValueError, match="device must be"):
+        common.metadata("tpu")
+
+
+def test_slugify_names_a_directory():
+    assert common.slugify("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    with pytest.raises(ValueError, match="directory name"):
+        common.slugify("  ")
+
+
+def test_write_csv_is_atomic(tmp_path):
+    path = tmp_path / "out.csv"
+    common.write_csv([{"a": 1, "b": 2.5}], path)
+    assert pd.read_csv(path).to_dict("records") == [{"a": 1, "b": 2.5}]
+
+    class Unprintable:
+        def __str__(self):
+            raise RuntimeError("cannot format")
+
+        __repr__ = __str__
+        __format__ = None
+
+    with pytest.raises(RuntimeError, match="cannot format"):
+        common.write_csv([{"a": Unprintable()}], path)
+    # The failed write left the old file whole and no temporary file behind.
+    assert pd.read_csv(path).to_dict("records") == [{"a": 1, "b": 2.5}]
+    assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]
+
+
+def test_time_cpu_quantiles_are_ordered():
+    calls = []
+    timing = common.time_cpu(lambda: calls.append(sum(range(2000))), rep_ms=5, min_reps=5)
+    assert timing.timer == common.TIMER_CPU
+    assert 0 < timing.ms_p20 <= timing.ms <= timing.ms_p80
+    assert len(calls) >= 6  # one warm-up call plus at least min_reps timed ones
+    with pytest.raises(ValueError, match="min_reps"):
+        common.time_cpu(lambda: None, min_reps=0)
+
+
+def test_time_fn_refuses_unknown_device():
+    with pytest.raises(ValueError, match="device must be"):
+        common.time_fn(lambda: None, "xla")
+
+
+def test_budget_and_dtype_names():
+    assert common.Budget(None).allows(1e9)
+    assert not common.Budget(0).allows()
+    with pytest.raises(ValueError, match="budget"):
+        common.Budget(-1)
+    assert common.dtype_name(common.dtype_from_name("bf16")) == "bf16"
+    with pytest.raises(ValueError, match="unknown dtype"):
+        common.dtype_from_name("fp8")
+
+
+# --------------------------------------------------------------------------------------------
+# gating
+
+
+def test_minimal_bytes_counts_the_fused_traffic():
+    shape = gating.GatingShape("s", 2, 8, 8, 2, 2, {})
+    n, n2 = 2 * 2 * 8 * 8, 2 * 2 * 2 * 2
+    assert gating.minimal_bytes(shape, 2, 2, "forward") == 2 * (3 * n + n2)
+    assert gating.minimal_bytes(shape, 2, 4, "backward") == 4 * (5 * n + 2 * n2)
+    assert gating.minimal_bytes(shape, 2, 4, "forward+backward") == 4 * (8 * n + 3 * n2)
+    with pytest.raises(ValueError, match="unknown mode"):
+        gating.minimal_bytes(shape, 2, 4, "sideways")
+
+
+def _gating_sites(model, size):
+    """(C, H, W, h, w) -> count, of every SC-Conv gating in one forward on the meta device."""
+    sites = {}
+
+    def record(module, args, output):
+        x = args[0]
+        key = (x.shape[1], x.shape[2], x.shape[3], output.shape[2], output.shape[3])
+        sites[key] = sites.get(key, 0) + 1
+
+    for module in model.modules():
+        if isinstance(module, scconv.SCConv):
+            module.k2.register_forward_hook(record)
+    model(torch.empty(1, 3, size, size, device="meta"))
+    return sites
+
+
+@pytest.mark.parametrize("name", ["scnet50", "scnet101"])
+def test_gating_shapes_are_the_models_own(name):
+    with torch.device("meta"):
+        model = scconv.create_model(name).eval()
+    sites = _gating_sites(model, 224)
+    table = {}
+    for shape in gating.GATING_SHAPES:
+        key = (shape.C, shape.H, shape.W, shape.h, shape.w)
+        table[key] = table.get(key, 0) + shape.blocks[name]
+    assert table == sites
+
+
+def test_gating_csv_schema(tmp_path):
+    path = gating.run(
+        tmp_path,
+        device="cpu",
+        providers=("eager",),
+        shapes=gating.TINY_SHAPES,
+        warmup_ms=0,
+        rep_ms=1,
+    )
+    frame = pd.read_csv(path)
+    expected = {
+        "provider", "mode", "stage", "batch", "C", "H", "W", "h", "w", "dtype", "layout",
+        "blocks_scnet50", "blocks_scnet101", "ms", "ms_p20", "ms_p80", "first_call_s",
+        "minimal_bytes", "gbps", "copy_gbps", "pct_of_copy", *common.META_COLUMNS,
+    }  # fmt: skip
+    assert set(frame.columns) == expected
+    assert sorted(frame["mode"]) == sorted(gating.MODES)
+    assert (frame["timer"] == common.TIMER_CPU).all()
+    assert (frame["ms_p20"] <= frame["ms"]).all() and (frame["ms"] <= frame["ms_p80"]).all()
+    # GB/s and % of copy follow from the byte count, the time and the measured copy bandwidth.
+    gbps = frame["minimal_bytes"] / frame["ms"] / 1e6
+    assert gbps.round(6).tolist() == frame["gbps"].round(6).tolist()
+    assert (frame["pct_of_copy"] - 100 * frame["gbps"] / frame["copy_gbps"]).abs().max() < 1e-9
+    assert (tmp_path / "bandwidth.csv").exists()
+
+
+def test_gating_refuses_to_time_the_interpreter(tmp_path):
+    with pytest.raises(ValueError, match="interpreter"):
+        gating.run(tmp_path, device="cpu", providers=("triton",), shapes=gating.TINY_SHAPES)
+    with pytest.raises(ValueError, match="unknown provider"):
+        gating.run(tmp_path, device="cpu", providers=("numpy",), shapes=gating.TINY_SHAPES)
+
+
+@pytest.mark.slow
+def test_gating_torch_compile_provider_runs(tmp_path):
+    # layer1 at batch 1: large enough for Inductor to donate buffers to the backward, which the
+    # repeated backward of the "backward" mode must survive.
+    path = gating.run(
+        tmp_path,
+        device="cpu",
+        providers=("torch_compile",),
+        shapes=gating.GATING_SHAPES[:1],
+        warmup_ms=0,
+        rep_ms=1,
+    )
+    frame = pd.read_csv(path)
+    assert len(frame) == 3 and (frame["provider"] == "torch_compile").all()
+
+
+def test_gating_modes_compute_the_reference_gradients():
+    x, k2, k3, g = gating.make_inputs(gating.TINY_SHAPES[0], 2, torch.float64, "nchw", "cpu")
+    run, _ = gating.mode_fn(sc_gate_reference, "backward", x, k2, k3, g)
+    grads = run()
+    inputs = [t.detach().requires_grad_() for t in (x, k2, k3)]
+    expected = torch.autograd.grad(sc_gate_reference(*inputs), inputs, g)
+    for actual, wanted in zip(grads, expected, strict=True):
+        torch.testing.assert_close(actual, wanted)
+    x_cl, *_ = gating.make_inputs(gating.TINY_SHAPES[0], 2, torch.float32, "channels_last", "cpu")
+    assert x_cl.is_contiguous(memory_format=torch.channels_last) and not x_cl.is_contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# check (Triton interpreter, correctness only)
+
+
+def test_exact_gate_uses_the_float32_index_map():
+    # H = 74 from h = 24: F.interpolate's float64 map differs from its float32 one (measured).
+    shape = gating.GatingShape("s", 2, 74, 74, 24, 24, {})
+    x, k2, k3, _ = gating.make_inputs(shape, 1, torch.float32, "nchw", "cpu")
+    exact = check.exact_gate(x.double(), k2.double(), k3.double())
+    torch.testing.assert_close(exact.float(), sc_gate_reference(x, k2, k3))
+    plain_double = sc_gate_reference(x.double(), k2.double(), k3.double())
+    assert (plain_double - exact).abs().max() > 0.1  # the float64 map really differs here
+
+
+def test_check_passes_the_triton_gate_on_small_shapes():
+    rows = []
+    for dtype, layout in (("fp32", "nchw"), ("bf16", "channels_last")):
+        rows += check.check_case(check.CHECK_SHAPES[0], 2, dtype, layout, "cpu")
+    assert len(rows) == 8
+    failed = [r for r in rows if not r["passed"]]
+    assert not failed, failed
+
+
+def test_check_catches_a_wrong_gate():
+    shape = gating.GatingShape("s", 2, 46, 46, 14, 14, {})
+
+    def integer_index_gate(x, k2, k3):
+        # (i * h) // H instead of PyTorch's float32 map: wrong at row 23 (design notes).
+        rows = torch.arange(x.shape[2]) * k2.shape[2] // x.shape[2]
+        cols = torch.arange(x.shape[3]) * k2.shape[3] // x.shape[3]
+        return k3 * torch.sigmoid(x + k2[:, :, rows][:, :, :, cols])
+
+    def slightly_off_gate(x, k2, k3):
+        return sc_gate_reference(x, k2, k3) * 1.001
+
+    for impl in (integer_index_gate, slightly_off_gate):
+        rows = check.check_case(shape, 1, "fp32", "nchw", "cpu", impl=impl)
+        assert not all(r["passed"] for r in rows), impl.__name__
+    assert all(r["passed"] for r in check.check_case(shape, 1, "fp32", "nchw", "cpu",
+                                                       impl=sc_gate_reference))  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# sweep (interpreter: plumbing only)
+
+
+def test_sweep_writes_one_winner_per_kernel_and_never_the_kernels_table(tmp_path):
+    from kernels import configs
+
+    before = configs.TUNED_TABLE_PATH.read_bytes() if configs.TUNED_TABLE_PATH.exists() else None
+    path = sweep.run(
+        tmp_path,
+        device="cpu",
+        shapes=gating.TINY_SHAPES,
+        batches=(1,),
+        dtypes=("fp32",),
+        layouts=("nchw",),
+        max_configs=2,
+    )
+    frame = pd.read_csv(path)
+    assert len(frame) == 4 and frame["correct"].all()
+    assert frame.groupby("kernel")["winner"].sum().to_dict() == {"backward": 1, "forward": 1}
+    assert (frame["timer"] == sweep.TIMER_INTERPRETER).all()
+    table = configs.load_table(tmp_path / "tuned_configs.json")
+    (key,) = frame["table_key"].unique()
+    for kernel in ("forward", "backward"):
+        winner = frame[(frame.kernel == kernel) & frame.winner]["config"].item()
+        entry = table["interpreter"][kernel][key]
+        assert sweep.config_name(configs.entry_to_config(kernel, entry)) == winner
+    after = configs.TUNED_TABLE_PATH.read_bytes() if configs.TUNED_TABLE_PATH.exists() else None
+    assert before == after
+    with pytest.raises(ValueError, match="must not go into"):
+        sweep.run(tmp_path, device="cpu", shapes=gating.TINY_SHAPES,
+                  table_path=configs.TUNED_TABLE_PATH)  # fmt: skip
+    assert plots.plot_sweep(path, tmp_path / "heat.png").stat().st_size > 0
+
+
+def test_sweep_cases_are_deduplicated_by_table_key():
+    shapes = (gating.GATING_SHAPES[0], gating.GATING_SHAPES[0])
+    cases = list(sweep.cases(shapes, (4,), ("bf16",), ("nchw", "channels_last")))
+    assert len(cases) == 2
+    assert {c[-1].split("|")[-1] for c in cases} == {"contiguous", "channels_last"}
+
+
+# --------------------------------------------------------------------------------------------
+# models
+
+
+def test_plan_cases_puts_the_headline_first_and_follows_the_regime_dict(monkeypatch):
+    cases = models.plan_cases(
+        ("scnet50", "resnet50"), ("eager", "triton"), ("eager", "torch_compile"),
+        ("inference", "train"), ("amp_bf16", "fp32"), ("channels_last",), (256, 32), 224,
+        compile_models=("resnet50",),
+    )  # fmt: skip
+    # SCNets once per gate, ResNets with no gate; compiling only the listed models.
+    assert {(c.model, c.gate) for c in cases} == {
+        ("scnet50", "eager"), ("scnet50", "triton"), ("resnet50", "none")
+    }  # fmt: skip
+    assert all(c.model == "resnet50" for c in cases if c.regime == "torch_compile")
+    headline = [c for c in cases if c.precision == "amp_bf16" and c.batch == 256]
+    assert cases[: len(headline)] == headline
+    assert [c.regime for c in headline] == sorted((c.regime for c in headline),
+                                                  key=["eager", "torch_compile"].index)  # fmt: skip
+    compiled_tasks = {
+        c.task
+        for c in models.plan_cases(("resnet50",), ("eager",), ("eager", "torch_compile"),
+                                   models.TASKS, ("fp32",), ("nchw",), (2,), 128,
+                                   compile_tasks=("inference",))
+        if c.regime == "torch_compile"
+    }  # fmt: skip
+    assert compiled_tasks == {"inference"}
+    # A new regime is one dict entry away (e.g. issue 6's "optimized").
+    extra = models.Regime("optimized", models._as_is, ("inference",), "test", compiles=False)
+    monkeypatch.setitem(models.REGIMES, "optimized", extra)
+    cases = models.plan_cases(("resnet50",), ("eager",), ("optimized",), models.TASKS,
+                              ("fp32",), ("nchw",), (2,), 128)  # fmt: skip
+    assert [(c.regime, c.task) for c in cases] == [("optimized", "inference")]
+
+
+def test_ratio_columns_divide_by_the_matching_resnet():
+    rows = []
+    for model, gate, ms in (("resnet50", "none", 10.0), ("scnet50", "eager", 13.0),
+                            ("scnet50", "triton", 12.0), ("scnet101", "eager", 20.0)):  # fmt: skip
+        rows.append(dict(model=model, gate=gate, regime="eager", task="train", precision="fp32",
+                         layout="nchw", batch=2, image_size=128, ms=ms))  # fmt: skip
+    rows.append({**rows[0], "batch": 4, "ms": 30.0})  # another batch: not a baseline for batch 2
+    frame = models.add_ratio_columns(pd.DataFrame(rows))
+    keys = zip(frame.model, frame.gate, frame.batch, strict=True)
+    ratio = dict(zip(keys, frame.time_ratio_vs_resnet, strict=True))
+    assert ratio[("resnet50", "none", 2)] == 1.0
+    assert ratio[("scnet50", "eager", 2)] == pytest.approx(1.3)
+    assert ratio[("scnet50", "triton", 2)] == pytest.approx(1.2)
+    assert pd.isna(ratio[("scnet101", "eager", 2)])  # no ResNet-101 row measured
+    assert frame.loc[1, "throughput_ratio_vs_resnet"] == pytest.approx(10 / 13)
+
+
+def test_models_refuse_bad_grids(tmp_path):
+    with pytest.raises(ValueError, match="unknown models"):
+        models.run(tmp_path, device="cpu", models=("vgg16",))
+    with pytest.raises(ValueError, match="interpreter"):
+        models.run(tmp_path, device="cpu", gates=("triton",))
+    with pytest.raises(TypeError, match="unknown grid argument"):
+        models.run(tmp_path, device="cpu", colour="red")
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: two OpenMP threads on a shared 2-core machine wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_breakdown_attributes_gating_cat_and_backward_by_sequence_number(one_thread):
+    import torchvision
+
+    torch.manual_seed(0)
+    tiny_scnet = scconv.SCNet(layers=(1, 1, 1, 1), num_classes=10)
+    tiny_resnet = torchvision.models.resnet.ResNet(
+        torchvision.models.resnet.Bottleneck, [1, 1, 1, 1], num_classes=10
+    )
+    case = models.Case("tiny", "eager", "eager", "train", "fp32", "nchw", 2, 128)
+    rows = {(r["pass"], r["category"]): r for r in models.op_breakdown(tiny_scnet, case, "cpu", 1)}
+    # 4 SC-Convs: 4 gating ops each (interpolate, add, sigmoid, mul), one cat per block.
+    assert rows[("forward", "gating")]["n_ops"] == 16
+    assert rows[("forward", "cat")]["n_ops"] == 4
+    # 4 blocks x 7 convolutions (conv1_a, conv1_b, k1, k2, k3, k4, conv3), stem, 4 downsamples
+    assert rows[("forward", "convolution")]["n_ops"] == 4 * 7 + 1 + 4
+    # Backward nodes of the gating ops found through their forward sequence numbers.
+    assert rows[("backward", "gating")]["n_ops"] == 16
+    assert rows[("backward", "cat")]["n_ops"] == 4
+    for pass_ in ("forward", "backward"):
+        shares = sum(r["share_pct"] for (p, _), r in rows.items() if p == pass_)
+        assert shares == pytest.approx(100.0)
+        assert rows[(pass_, "convolution")]["time_ms"] > 0
+    resnet_rows = models.op_breakdown(tiny_resnet, case, "cpu", 1)
+    # ResNet's residual add is not gating: nothing is, and nothing is cat.
+    for r in resnet_rows:
+        if r["category"] in ("gating", "cat"):
+            assert r["n_ops"] == 0 and r["time_ms"] == 0, r
+
+
+def _event(name, children=(), seq=-1, device_us=0.0, cpu_us=0.0, device_type=None):
+    from types import SimpleNamespace
+
+    event = SimpleNamespace(
+        name=name, cpu_children=list(children), cpu_parent=None, sequence_nr=seq,
+        self_device_time_total=device_us, self_cpu_time_total=cpu_us,
+        device_type=device_type or torch.autograd.DeviceType.CPU,
+        time_range=SimpleNamespace(elapsed_us=lambda: device_us),
+    )  # fmt: skip
+    for child in event.cpu_children:
+        child.cpu_parent = event
+    return event
+
+
+def test_categorize_events_on_gpu_profiles_counts_kernel_time_once():
+    # A GPU-shaped profile: CPU ops with their kernels' self time, kernel events as roots.
+    conv = _event("aten::conv2d", [_event("aten::cudnn_convolution", device_us=5.0)], seq=1)
+    sigmoid = _event("aten::sigmoid", seq=2, device_us=3.0)
+    residual = _event("aten::add_", seq=3, device_us=1.0)
+    forward = _event(models.FORWARD_RANGE, [conv, _event(models.SCCONV_RANGE, [sigmoid]),
+                                            residual])  # fmt: skip
+    sigmoid_backward = _event(
+        "autograd::engine::evaluate_function: SigmoidBackward0",
+        [_event("SigmoidBackward0", [_event("aten::sigmoid_backward", device_us=2.0)])],
+        seq=2,
+    )
+    add_backward = _event("autograd::engine::evaluate_function: AddBackward0", seq=3)
+    kernels = [
+        _event(f"kernel{i}", device_us=us, device_type=torch.autograd.DeviceType.CUDA)
+        for i, us in enumerate((5.0, 3.0, 1.0, 2.0, 4.0))  # 4 us launched outside any op
+    ]
+    events = [forward, *forward.cpu_children, conv, *conv.cpu_children, sigmoid,
+              sigmoid_backward, add_backward, *kernels]  # fmt: skip
+    rows = {(r["pass"], r["category"]): r for r in models.categorize_events(events, True)}
+    assert rows[("forward", "convolution")]["time_ms"] == pytest.approx(0.005)
+    assert rows[("forward", "gating")]["time_ms"] == pytest.approx(0.003)
+    assert rows[("forward", "other")]["time_ms"] == pytest.approx(0.001)
+    assert rows[("backward", "gating")]["time_ms"] == pytest.approx(0.002)
+    assert rows[("backward", "other")]["n_ops"] == 1  # the residual add's backward
+    assert rows[("both", "unattributed")]["time_ms"] == pytest.approx(0.004)
+
+
+# --------------------------------------------------------------------------------------------
+# plots and summary from small synthetic CSVs
+
+
+def _synthetic_results(directory: Path) -> None:
+    meta = common.metadata("cpu", timestamp="2026-01-01T00:00:00+00:00")
+    gating_rows = []
+    for shape in gating.GATING_SHAPES[:3]:
+        for provider, ms in (("eager", 0.3), ("torch_compile", 0.2), ("triton", 0.1)):
+            for mode in gating.MODES:
+                nbytes = gating.minimal_bytes(shape, 32, 2, mode)
+                gating_rows.append(dict(
+                    provider=provider, mode=mode, stage=shape.stage, batch=32, C=shape.C,
+                    H=shape.H, W=shape.W, h=shape.h, w=shape.w, dtype="bf16", layout="nchw",
+                    blocks_scnet50=shape.blocks["scnet50"],
+                    blocks_scnet101=shape.blocks["scnet101"], ms=ms, ms_p20=ms, ms_p80=ms,
+                    first_call_s=0.1, minimal_bytes=nbytes, gbps=nbytes / ms / 1e6,
+                    copy_gbps=100.0, pct_of_copy=nbytes / ms / 1e6, **meta,
+                ))  # fmt: skip
+    common.write_csv(gating_rows, directory / "gating.csv")
+    model_rows = []
+    for model, gate, ms in (("resnet50", "none", 10.0), ("scnet50", "eager", 12.0)):
+        for regime in ("eager", "torch_compile"):
+            for task in models.TASKS:
+                model_rows.append(dict(
+                    model=model, gate=gate, regime=regime, task=task, precision="fp32",
+                    layout="nchw", batch=2, image_size=128, ms=ms, ms_p20=ms, ms_p80=ms,
+                    img_per_s=200 / ms, peak_mem_mib=float("nan"), first_call_s=1.0,
+                    cudnn_benchmark=False, **meta,
+                ))  # fmt: skip
+    common.write_csv(models.add_ratio_columns(pd.DataFrame(model_rows)), directory / "models.csv")
+    breakdown_rows = [
+        dict(model=model, gate=gate, precision="fp32", layout="nchw", batch=2, image_size=128,
+             time_source="CPU self time", **{"pass": pass_}, category=category, time_ms=1.0,
+             n_ops=1, share_pct=20.0, **meta)
+        for model, gate in (("scnet50", "eager"), ("resnet50", "none"))
+        for pass_ in ("forward", "backward")
+        for category in models.CATEGORIES
+    ]  # fmt: skip
+    common.write_csv(breakdown_rows, directory / "breakdown.csv")
+
+
+def test_plots_are_drawn_from_small_csvs(tmp_path):
+    _synthetic_results(tmp_path)
+    written = plots.plot_all(tmp_path)
+    assert sorted(p.name for p in written) == [
+        "breakdown.png", "gating_latency.png", "gating_roof.png", "models_ratio.png",
+        "models_throughput.png",
+    ]  # fmt: skip
+    for path in written:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # No temporary files left, and the device is in every title.
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    frame = pd.read_csv(tmp_path / "gating.csv")
+    figure = plots.plot_gating_latency(frame)  # no path: the figure itself (notebooks)
+    assert "CPU mode" in figure._suptitle.get_text()
+
+
+def test_plots_reject_a_csv_without_the_needed_columns(tmp_path):
+    with pytest.raises(ValueError, match="missing column"):
+        plots.plot_gating_latency(pd.DataFrame({"provider": ["eager"]}), tmp_path / "x.png")
+
+
+def test_summary_reports_the_whole_network_gating_and_ratios(tmp_path):
+    _synthetic_results(tmp_path)
+    text = summary.summarize(tmp_path)
+    assert "CPU MODE" in text
+    # layer1 (3 gates), layer2.0 (1), layer2 (3) at 0.1 ms each for triton, 0.3 for eager.
+    assert "sum over its 7 gates" in text
+    assert "triton 0.700 ms" in text and "eager 2.100 ms" in text
+    assert "3.00x vs eager" in text
+    assert "scnet50 [eager]" in text and "1.20" in text
+    assert "no results found" in summary.summarize(tmp_path / "empty")
+
+
+# --------------------------------------------------------------------------------------------
+# bench/gpu.sh
+
+
+def _gpu_sh(*args, timeout=600):
+    env = {**os.environ, "PYTHON": sys.executable}
+    env.pop("TRITON_INTERPRET", None)  # each stage decides for itself, as on a user's shell
+    return subprocess.run(
+        ["bash", str(REPO / "bench" / "gpu.sh"), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@NO_CUDA
+def test_gpu_sh_without_a_gpu_says_what_to_do(tmp_path):
+    result = _gpu_sh(str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "no CUDA GPU" in result.stderr and "--dry-run" in result.stderr
+
+
+def test_gpu_sh_rejects_unknown_options():
+    result = _gpu_sh("--fast")
+    assert result.returncode == 2 and "unknown option" in result.stderr
+
+
+@pytest.mark.slow
+def test_gpu_sh_dry_run_runs_the_whole_pipeline(tmp_path):
+    out = tmp_path / "dry"
+    result = _gpu_sh(str(out), "--dry-run")
+    assert result.returncode == 0, result.stdout[-3000:]
+    last = result.stdout.strip().splitlines()
+    assert any("scconv benchmark summary" in line for line in last[-60:])
+    assert last[-1].startswith("total wall time")  # the summary is printed last
+    for name in ("gating.csv", "gating_correctness.csv", "models.csv", "breakdown.csv",
+                 "sweep.csv", "model_summary.csv", "summary.txt", "log.txt",
+                 "gating_latency.png", "models_ratio.png", "breakdown.png",
+                 "sweep_heatmap.png"):  # fmt: skip
+        assert (out / name).stat().st_size > 0, name
+    for csv in out.glob("*.csv"):
+        frame = pd.read_csv(csv)
+        missing = set(common.META_COLUMNS) - set(frame.columns)
+        if csv.name != "models_skipped.csv":
+            assert not missing, (csv.name, missing)
+        if "timestamp" in frame:  # one run, one timestamp across every stage
+            assert frame["timestamp"].nunique() == 1
+    correctness = pd.read_csv(out / "gating_correctness.csv")
+    assert correctness["passed"].all() and correctness["interpreter"].all()

@@ -1,0 +1,40 @@
+"""Every notebook executes headless, top to bottom, without an error (nbclient).
+
+The kernel is this test's own interpreter (``bench.notebooks.execute`` writes a temporary
+kernelspec for ``sys.executable``), so the notebooks see the same packages as the tests. The
+notebooks read the committed results in ``bench/results/``; nothing is written back.
+"""
+
+import pytest
+
+from bench import notebooks
+
+NOTEBOOKS = notebooks.notebooks()
+
+
+def test_there_are_notebooks():
+    names = {path.name for path in NOTEBOOKS}
+    assert {"speed_vs_resnet.ipynb", "autotune_sweep.ipynb"} <= names
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_executes_without_error(path):
+    # nbclient raises CellExecutionError (naming the cell and the traceback) on any error.
+    executed = notebooks.execute(path, save=False, timeout_s=600)
+    outputs = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    if path.name == "speed_vs_resnet.ipynb":
+        # The committed results exist, so the plots must have been drawn.
+        images = [o for o in outputs if "image/png" in o.get("data", {})]
+        assert len(images) >= 5
+
+
+def test_a_failing_cell_fails_the_run(tmp_path):
+    import nbformat
+    from nbclient.exceptions import CellExecutionError
+
+    broken = tmp_path / "broken.ipynb"
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("1 / 0")])
+    nbformat.write(notebook, broken)
+    with pytest.raises(CellExecutionError, match="ZeroDivisionError"):
+        notebooks.execute(broken)
