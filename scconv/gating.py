@@ -43,12 +43,11 @@ def resolve_gate(name: str, x: torch.Tensor) -> str:
     return name
 
 
-def sc_gate(x: torch.Tensor, k2: torch.Tensor, k3: torch.Tensor, gate: str = "eager"):
-    """Run the SC-Conv gating with the implementation named ``gate``."""
-    if resolve_gate(gate, x) == "triton":
-        from kernels import (
-            sc_gate as triton_sc_gate,
-        )  # imported on first use: keeps triton optional
+def sc_gate(x: torch.Tensor, k2: torch.Tensor, k3: torch.Tensor, gate: str | None = None):
+    """Run the SC-Conv gating with the implementation named ``gate`` (``None``: the default)."""
+    if resolve_gate(gate if gate is not None else default_gate(), x) == "triton":
+        # Imported on first use: `import scconv` stays free of triton.
+        from kernels import sc_gate as triton_sc_gate
 
         return triton_sc_gate(x, k2, k3)
     return sc_gate_reference(x, k2, k3)

@@ -243,7 +243,7 @@ def _extract_state_dict(checkpoint) -> Mapping[str, torch.Tensor]:
     return state
 
 
-def _read_checkpoint(source: str, name: str):
+def _read_checkpoint(source: str | os.PathLike, name: str):
     if source == "official":
         if name not in OFFICIAL_URLS:
             raise ValueError(
@@ -252,6 +252,8 @@ def _read_checkpoint(source: str, name: str):
         source = OFFICIAL_URLS[name]
     if source.startswith(("http://", "https://")):
         return torch.hub.load_state_dict_from_url(source, map_location="cpu", check_hash=True)
+    if os.path.isdir(source):
+        raise IsADirectoryError(f"checkpoint {source!r} is a directory, not a checkpoint file")
     if not os.path.isfile(source):
         raise FileNotFoundError(f"checkpoint {source!r} does not exist")
     try:
@@ -268,6 +270,8 @@ def load_weights(model: nn.Module, source, name: str | None = None) -> nn.Module
     shape raises ``ValueError`` naming the model and the first offending keys.
     """
     name = name or getattr(model, "arch", type(model).__name__)
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
     checkpoint = _read_checkpoint(source, name) if isinstance(source, str) else source
     try:
         state = _extract_state_dict(checkpoint)

@@ -195,6 +195,10 @@ def test_checkpoint_errors_name_model_and_keys(tmp_path, trained_like_scnet):
 def test_bad_checkpoint_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         scconv.scnet50(weights=str(tmp_path / "nope.pth"))
+    with pytest.raises(FileNotFoundError, match="nope.pth' does not exist"):
+        scconv.scnet50(weights=tmp_path / "nope.pth")  # a pathlib.Path is a path too
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        scconv.scnet50(weights=tmp_path)
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"this is not a checkpoint\x00\x01")
     with pytest.raises(ValueError, match="junk.pth.*not a readable torch checkpoint"):
@@ -265,6 +269,10 @@ def test_auto_gate_runs_eager_on_cpu(monkeypatch):
     assert gating.resolve_gate("auto", x) == "eager"
     monkeypatch.delenv("SCCONV_GATE", raising=False)
     assert gating.default_gate() == "auto"
+    # The functional dispatcher takes its default from SCCONV_GATE too.
+    monkeypatch.setenv("SCCONV_GATE", "bogus")
+    with pytest.raises(ValueError, match="SCCONV_GATE='bogus'"):
+        scconv.sc_gate(x, x[..., :2, :2], x)
 
 
 # --- Summary -------------------------------------------------------------------------------------
