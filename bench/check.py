@@ -17,17 +17,19 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import kernels  # first: on a CPU-only machine this switches Triton's interpreter on
-from bench.common import default_device, default_out_dir, log, metadata, write_csv
+from bench.common import (
+    DTYPES,
+    TOLERANCES,
+    default_device,
+    default_out_dir,
+    log,
+    metadata,
+    write_csv,
+)
 from bench.gating import GATING_SHAPES, LAYOUTS, GatingShape, make_inputs
-from kernels.reference import sc_gate_reference
-
-# (atol, rtol) against float64 math on the same inputs. The kernels compute in float32 and round
-# once, so the error is about half an ulp of the output dtype (fp16 4.9e-4, bf16 3.9e-3).
-TOLERANCES = {"fp32": (1e-5, 1e-5), "fp16": (2e-3, 2e-3), "bf16": (1e-2, 1e-2)}
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from kernels.reference import nearest_source_index, sc_gate_reference
 
 # Small shapes the interpreter runs in well under a second each, chosen for what they exercise.
 CHECK_SHAPES = (
@@ -48,16 +50,13 @@ def _excess(actual: torch.Tensor, expected: torch.Tensor, dtype: str) -> tuple[f
 def exact_gate(x: torch.Tensor, k2: torch.Tensor, k3: torch.Tensor) -> torch.Tensor:
     """The gating in float64 with PyTorch's float32 nearest-upsample index map.
 
-    ``F.interpolate`` on float64 tensors computes its scale in float64, which maps some rows
-    differently (e.g. H = 74 from h = 24) from float32/16/bf16 tensors. So the map comes from
-    interpolating a float32 image of source indices, and k2 is gathered from it.
+    ``F.interpolate`` on float64 tensors maps some rows differently (e.g. H = 74 from h = 24)
+    from float32/16/bf16 tensors, so k2 is gathered with ``nearest_source_index``'s float32 map.
     """
-    h, w = k2.shape[-2:]
-    H, W = x.shape[-2:]
-    index_image = torch.arange(h * w, dtype=torch.float32, device=k2.device).view(1, 1, h, w)
-    index = F.interpolate(index_image, size=(H, W), mode="nearest").long().flatten()
-    upsampled = k2.flatten(-2)[..., index].unflatten(-1, (H, W))
-    return k3 * torch.sigmoid(x + upsampled)
+    (h, w), (H, W) = k2.shape[-2:], x.shape[-2:]
+    rows = nearest_source_index(H, h, device=k2.device)
+    cols = nearest_source_index(W, w, device=k2.device)
+    return k3 * torch.sigmoid(x + k2[:, :, rows][:, :, :, cols])
 
 
 def check_case(

@@ -53,6 +53,78 @@ META_COLUMNS = (
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
+# (atol, rtol) of a Triton gating result (forward or backward) against float32-or-better math on
+# the same rounded inputs: the correctness pass (bench.check) and the sweep's per-configuration
+# check (bench.sweep) both use it. The kernels compute in float32 and round once, so the error is
+# about half an ulp of the output dtype (fp16 4.9e-4, bf16 3.9e-3).
+TOLERANCES = {"fp32": (1e-5, 1e-5), "fp16": (2e-3, 2e-3), "bf16": (1e-2, 1e-2)}
+
+# The columns of every CSV the benchmarks write, by file name (the one place they are defined).
+# ``write_csv`` checks a file named here before writing it. A name ending in "*" stands for one or
+# more columns with that prefix (the sweep's ``cfg_<meta-parameter>`` columns, which depend on
+# the kernels' search space).
+_SHAPE = ("C", "H", "W", "h", "w")
+_TIMING = ("ms", "ms_p20", "ms_p80")
+_CASE = ("model", "gate", "regime", "task", "precision", "layout", "batch", "image_size")
+CSV_SCHEMAS: dict[str, tuple[str, ...]] = {
+    "gating.csv": (
+        "provider", "mode", "stage", "batch", *_SHAPE, "dtype", "layout", "blocks_scnet50",
+        "blocks_scnet101", *_TIMING, "first_call_s", "minimal_bytes", "gbps", "copy_gbps",
+        "pct_of_copy", *META_COLUMNS,
+    ),
+    "bandwidth.csv": (
+        "copy_bytes", "copy_gbps", "copy_gbps_p20", "copy_gbps_p80", "copy_ms", *META_COLUMNS,
+    ),
+    "gating_correctness.csv": (
+        "case", "batch", *_SHAPE, "dtype", "layout", "tensor", "layout_kept", "max_abs_err",
+        "err_over_tol", "eager_max_abs_err", "atol", "rtol", "passed", "interpreter",
+        *META_COLUMNS,
+    ),
+    "sweep.csv": (
+        "kernel", "config", "cfg_*", "num_warps", "num_stages", *_TIMING, "correct",
+        "table_key", "stage", "batch", *_SHAPE, "dtype", "layout", "gbps", "winner",
+        *META_COLUMNS,
+    ),
+    "models.csv": (
+        *_CASE, *_TIMING, "img_per_s", "peak_mem_mib", "first_call_s", "cudnn_benchmark",
+        *META_COLUMNS, "baseline", "time_ratio_vs_resnet", "throughput_ratio_vs_resnet",
+    ),
+    "models_skipped.csv": _CASE,
+    "breakdown.csv": (
+        "pass", "category", "time_ms", "n_ops", "share_pct", "model", "gate", "precision",
+        "layout", "batch", "image_size", "time_source", *META_COLUMNS,
+    ),
+    "aten_ops.csv": (
+        "model", "original", "optimized", "optimized_triton_gate", "saved", *META_COLUMNS,
+    ),
+    "model_summary.csv": ("model", "params_M", "GMACs", "input", *META_COLUMNS),
+}  # fmt: skip
+
+
+def check_columns(name: str, columns: Iterable[str]) -> None:
+    """Raise ``ValueError`` unless ``columns`` are exactly ``CSV_SCHEMAS[name]`` (in any order;
+    a ``prefix*`` entry needs at least one column with that prefix)."""
+    if name not in CSV_SCHEMAS:
+        raise ValueError(f"no schema for {name!r}; known CSV files: {', '.join(CSV_SCHEMAS)}")
+    columns = list(columns)
+    schema = CSV_SCHEMAS[name]
+    prefixes = tuple(c[:-1] for c in schema if c.endswith("*"))
+    fixed = {c for c in schema if not c.endswith("*")}
+    missing = sorted(fixed - set(columns))
+    missing += [f"{p}*" for p in prefixes if not any(c.startswith(p) for c in columns)]
+    extra = sorted(c for c in set(columns) - fixed if not c.startswith(prefixes))
+    duplicated = sorted({c for c in columns if columns.count(c) > 1})
+    if missing or extra or duplicated:
+        raise ValueError(
+            f"{name} does not match its schema (bench.common.CSV_SCHEMAS): "
+            f"missing column(s) {missing}, unexpected column(s) {extra}, duplicated {duplicated}"
+        )
+
+
+def csv_list(text: str) -> tuple[str, ...]:
+    """A command-line list: ``"a,b,,c"`` -> ``("a", "b", "c")``."""
+    return tuple(item for item in text.split(",") if item)
+
 
 def dtype_from_name(name: str) -> torch.dtype:
     """``"fp32"``/``"fp16"``/``"bf16"`` -> torch dtype; anything else is a ``ValueError``."""
@@ -360,10 +432,14 @@ def _atomic_write(path: Path, write: Callable) -> Path:
 
 
 def write_csv(rows: Iterable[dict] | object, path: str | os.PathLike) -> Path:
-    """Write rows (dicts or a DataFrame) to ``path`` atomically: temp file, then ``os.replace``."""
+    """Write rows (dicts or a DataFrame) to ``path`` atomically: temp file, then ``os.replace``.
+
+    A file named in ``CSV_SCHEMAS`` must have exactly its schema's columns (``ValueError``)."""
     import pandas as pd
 
     frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
+    if Path(path).name in CSV_SCHEMAS:
+        check_columns(Path(path).name, frame.columns)
     return _atomic_write(Path(path), lambda handle: frame.to_csv(handle, index=False))
 
 

@@ -33,6 +33,7 @@ from bench.common import (
     Progress,
     ResultWriter,
     copy_bandwidth,
+    csv_list,
     default_device,
     default_out_dir,
     dtype_from_name,
@@ -291,19 +292,15 @@ def run(
     return path
 
 
-def _csv_list(text: str) -> tuple[str, ...]:
-    return tuple(item for item in text.split(",") if item)
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.gating", description=__doc__)
     parser.add_argument("--out", default=None, help="output directory (default bench/results/..)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None)
-    parser.add_argument("--providers", type=_csv_list, default=None, help="comma-separated")
-    parser.add_argument("--modes", type=_csv_list, default=MODES, help="comma-separated")
-    parser.add_argument("--batches", type=lambda s: tuple(int(v) for v in _csv_list(s)))
-    parser.add_argument("--dtypes", type=_csv_list, default=None, help="fp32,fp16,bf16")
-    parser.add_argument("--layouts", type=_csv_list, default=None, help="nchw,channels_last")
+    parser.add_argument("--providers", type=csv_list, default=None, help="comma-separated")
+    parser.add_argument("--modes", type=csv_list, default=MODES, help="comma-separated")
+    parser.add_argument("--batches", type=lambda s: tuple(int(v) for v in csv_list(s)))
+    parser.add_argument("--dtypes", type=csv_list, default=None, help="fp32,fp16,bf16")
+    parser.add_argument("--layouts", type=csv_list, default=None, help="nchw,channels_last")
     parser.add_argument("--tiny", action="store_true", help="one tiny shape (dry runs)")
     parser.add_argument("--budget-s", type=float, default=None, help="stop after this long")
     parser.add_argument("--warmup-ms", type=float, default=10)

@@ -41,6 +41,7 @@ from bench.common import (
     Budget,
     Progress,
     ResultWriter,
+    csv_list,
     default_device,
     default_out_dir,
     log,
@@ -728,26 +729,22 @@ def write_model_summary(out_dir: str | Path, names=None, image_size: int = 224) 
     return write_csv(frame, Path(out_dir) / "model_summary.csv")
 
 
-def _csv_list(text: str) -> tuple[str, ...]:
-    return tuple(item for item in text.split(",") if item)
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.models", description=__doc__)
     parser.add_argument("--out", default=None, help="output directory (default bench/results/..)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None)
-    parser.add_argument("--models", type=_csv_list, help=f"comma-separated: {','.join(MODELS)}")
-    parser.add_argument("--gates", type=_csv_list, help="eager,triton")
-    parser.add_argument("--regimes", type=_csv_list, help=",".join(REGIMES))
-    parser.add_argument("--tasks", type=_csv_list, help="inference,train")
-    parser.add_argument("--precisions", type=_csv_list, help=",".join(PRECISIONS))
-    parser.add_argument("--layouts", type=_csv_list, help="nchw,channels_last")
-    parser.add_argument("--batches", type=lambda s: tuple(int(v) for v in _csv_list(s)))
+    parser.add_argument("--models", type=csv_list, help=f"comma-separated: {','.join(MODELS)}")
+    parser.add_argument("--gates", type=csv_list, help="eager,triton")
+    parser.add_argument("--regimes", type=csv_list, help=",".join(REGIMES))
+    parser.add_argument("--tasks", type=csv_list, help="inference,train")
+    parser.add_argument("--precisions", type=csv_list, help=",".join(PRECISIONS))
+    parser.add_argument("--layouts", type=csv_list, help="nchw,channels_last")
+    parser.add_argument("--batches", type=lambda s: tuple(int(v) for v in csv_list(s)))
     parser.add_argument("--image-size", type=int)
     parser.add_argument(
-        "--compile-models", type=_csv_list, help="models run in compiling regimes ('all': every)"
+        "--compile-models", type=csv_list, help="models run in compiling regimes ('all': every)"
     )
-    parser.add_argument("--compile-tasks", type=_csv_list, help="tasks run in compiling regimes")
+    parser.add_argument("--compile-tasks", type=csv_list, help="tasks run in compiling regimes")
     parser.add_argument("--no-breakdown", action="store_true")
     parser.add_argument("--summary", action="store_true", help="also write model_summary.csv")
     parser.add_argument("--budget-s", type=float, default=None, help="skip cases past this")

@@ -10,9 +10,18 @@ they launch no kernel, and eval-mode BatchNorm allocates an empty placeholder fo
 this PyTorch. With that rule ResNet-50 is 176 ops and SCNet-50 432, the figures in
 docs/DESIGN.md.
 
-Counts do not depend on the data, the image size or the batch size, so the command line runs on
-PyTorch's ``meta`` device by default (shapes only, no arithmetic); ``--device cpu`` runs real
-forwards and gives the same counts (``tests/test_inference.py`` checks that).
+Only top-level ops are counted, NOT nested ones: the mode is switched off while an op runs, so
+what a kernel calls internally is invisible to it. In particular a convolution or pooling that
+receives a strided input copies it (``aten::contiguous`` -> ``clone`` -> ``copy_``) without
+showing up here. Use ``torch.profiler`` to see nested ops (``tests/test_inference.py`` counts
+nested clones that way).
+
+Counts do not depend on the data or the image size, so the command line runs on PyTorch's
+``meta`` device by default (shapes only, no arithmetic); ``--device cpu`` runs real forwards and
+gives the same counts (``tests/test_inference.py`` checks that). They depend on the batch size
+for optimized SCNets only: at batch 1 (what the command line uses) each block runs its merged
+``conv1``, 14 ops; at larger batches ``conv1_a`` and ``conv1_b`` separately, 15 ops (SCNet-50:
+249 at batch 1, 265 at batch 2); see ``scconv/inference.py``.
 
     python -m bench.opcount                      # the table for four SCNets and ResNet-50
     python -m bench.opcount --breakdown scnet50  # ops by name, original vs optimized

@@ -22,9 +22,11 @@ from pathlib import Path
 import torch
 
 from bench.common import (
+    TOLERANCES,
     Budget,
     Progress,
     ResultWriter,
+    csv_list,
     default_device,
     default_out_dir,
     dtype_from_name,
@@ -44,8 +46,6 @@ from kernels.reference import sc_gate_reference
 
 TIMER_INTERPRETER = "triton interpreter (plumbing check, not a speed)"
 KERNEL_MODES = {"forward": "forward", "backward": "backward"}
-# (atol, rtol) of a configuration's result against the eager reference computed in float32.
-TOLERANCES = {"fp32": (1e-5, 1e-5), "fp16": (1e-2, 1e-2), "bf16": (2e-2, 2e-2)}
 
 
 def config_name(config) -> str:
@@ -55,6 +55,8 @@ def config_name(config) -> str:
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: str) -> bool:
+    """A configuration's result against the eager reference computed in float32 (the tolerance
+    ``bench.check`` uses too)."""
     atol, rtol = TOLERANCES[dtype]
     return bool(torch.allclose(actual.float(), expected.float(), atol=atol, rtol=rtol))
 
@@ -226,18 +228,14 @@ def run(
     return path
 
 
-def _csv_list(text: str) -> tuple[str, ...]:
-    return tuple(item for item in text.split(",") if item)
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.sweep", description=__doc__)
     parser.add_argument("--out", default=None, help="output directory (default bench/results/..)")
     parser.add_argument("--table", default=None, help="winners table (default: kernels' own)")
-    parser.add_argument("--kernels", type=_csv_list, default=("forward", "backward"))
-    parser.add_argument("--batches", type=lambda s: tuple(int(v) for v in _csv_list(s)))
-    parser.add_argument("--dtypes", type=_csv_list, default=None, help="fp32,fp16,bf16")
-    parser.add_argument("--layouts", type=_csv_list, default=None, help="nchw,channels_last")
+    parser.add_argument("--kernels", type=csv_list, default=("forward", "backward"))
+    parser.add_argument("--batches", type=lambda s: tuple(int(v) for v in csv_list(s)))
+    parser.add_argument("--dtypes", type=csv_list, default=None, help="fp32,fp16,bf16")
+    parser.add_argument("--layouts", type=csv_list, default=None, help="nchw,channels_last")
     parser.add_argument("--max-configs", type=int, default=None, help="first N configs only")
     parser.add_argument("--tiny", action="store_true", help="one tiny shape (CPU dry runs)")
     parser.add_argument("--budget-s", type=float, default=None, help="stop after this long")

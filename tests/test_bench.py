@@ -13,10 +13,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 
 import scconv
 from bench import check, common, gating, models, plots, summary, sweep
-from kernels.reference import sc_gate_reference
+from kernels.reference import nearest_source_index, sc_gate_reference
 
 REPO = Path(__file__).resolve().parent.parent
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
@@ -90,6 +91,97 @@ def test_budget_and_dtype_names():
 
 
 # --------------------------------------------------------------------------------------------
+# CSV schemas (bench.common.CSV_SCHEMAS): every CSV the benchmarks write, from small runs
+
+
+def test_check_columns_names_what_is_wrong(tmp_path):
+    good = [*common.CSV_SCHEMAS["bandwidth.csv"]]
+    common.check_columns("bandwidth.csv", reversed(good))  # order is free
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['copy_ms'\]"):
+        common.check_columns("bandwidth.csv", [c for c in good if c != "copy_ms"])
+    with pytest.raises(ValueError, match=r"unexpected column\(s\) \['colour'\]"):
+        common.check_columns("bandwidth.csv", [*good, "colour"])
+    with pytest.raises(ValueError, match=r"duplicated \['copy_ms'\]"):
+        common.check_columns("bandwidth.csv", [*good, "copy_ms"])
+    with pytest.raises(ValueError, match="no schema"):
+        common.check_columns("colours.csv", good)
+    sweep_columns = [c for c in common.CSV_SCHEMAS["sweep.csv"] if not c.endswith("*")]
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['cfg_\*'\]"):
+        common.check_columns("sweep.csv", sweep_columns)
+    common.check_columns("sweep.csv", [*sweep_columns, "cfg_BLOCK_C"])
+    # write_csv refuses a known file with the wrong columns, and writes nothing.
+    with pytest.raises(ValueError, match="does not match its schema"):
+        common.write_csv([{"copy_ms": 1.0}], tmp_path / "bandwidth.csv")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_committed_results_match_their_schemas():
+    directories = sorted(d for d in common.RESULTS_DIR.iterdir() if d.is_dir())
+    assert common.RESULTS_DIR / "cpu" in directories
+    for directory in directories:
+        for csv in sorted(directory.glob("*.csv")):
+            common.check_columns(csv.name, pd.read_csv(csv, nrows=1).columns)
+    committed = {p.name for p in (common.RESULTS_DIR / "cpu").glob("*.csv")}
+    # The CPU run writes every CSV but the sweep's (interpreter) and the skipped-case list.
+    assert committed == set(common.CSV_SCHEMAS) - {"sweep.csv", "models_skipped.csv"}
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: two OpenMP threads on a shared 2-core machine wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _tiny_model(name, gate, device, layout):
+    """A one-block-per-stage stand-in for ``models.build_model`` (same classes, far fewer ops)."""
+    import torchvision
+
+    if name.startswith("scnet"):
+        model = scconv.SCNet(layers=(1, 1, 1, 1), num_classes=10, gate=None if gate == "none"
+                             else gate)  # fmt: skip
+    else:
+        model = torchvision.models.resnet.ResNet(
+            torchvision.models.resnet.Bottleneck, [1, 1, 1, 1], num_classes=10
+        )
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    return model.to(device=device, memory_format=memory_format)
+
+
+@NO_CUDA
+def test_models_csvs_match_their_schemas(tmp_path, monkeypatch, one_thread):
+    # The real run on tiny stand-ins: models.csv, breakdown.csv, aten_ops.csv (counted on the
+    # meta device for the named model), then model_summary.csv and models_skipped.csv.
+    monkeypatch.setattr(models, "build_model", _tiny_model)
+    path = models.run(tmp_path, device="cpu", models=("scnet50", "resnet50"),
+                      regimes=("eager",), tasks=("inference",), batches=(2,), image_size=112,
+                      rep_ms=1)  # fmt: skip
+    assert path == tmp_path / "models.csv"
+    models.write_model_summary(tmp_path, ("resnet50",), image_size=112)
+    case = models.Case("resnet50", "none", "eager", "train", "fp32", "nchw", 2, 112)
+    common.write_csv([vars(case)], tmp_path / "models_skipped.csv")  # as models.run writes it
+    written = sorted(p.name for p in tmp_path.glob("*.csv"))
+    assert written == ["aten_ops.csv", "breakdown.csv", "model_summary.csv", "models.csv",
+                       "models_skipped.csv"]  # fmt: skip
+    for name in written:
+        common.check_columns(name, pd.read_csv(tmp_path / name).columns)
+    frame = pd.read_csv(path)
+    assert frame.set_index("model")["time_ratio_vs_resnet"]["resnet50"] == 1.0
+
+
+@NO_CUDA
+def test_correctness_csv_matches_its_schema(tmp_path):
+    tiny = gating.GatingShape("tiny 5x3 <- 2x1", 2, 5, 3, 2, 1, {})
+    path = check.run(tmp_path, device="cpu", shapes=(tiny,))
+    frame = pd.read_csv(path)
+    common.check_columns("gating_correctness.csv", frame.columns)
+    assert len(frame) == 4 * len(common.TOLERANCES) * len(gating.LAYOUTS)
+    assert frame["passed"].all() and frame["interpreter"].all()
+
+
+# --------------------------------------------------------------------------------------------
 # gating
 
 
@@ -141,12 +233,8 @@ def test_gating_csv_schema(tmp_path):
         rep_ms=1,
     )
     frame = pd.read_csv(path)
-    expected = {
-        "provider", "mode", "stage", "batch", "C", "H", "W", "h", "w", "dtype", "layout",
-        "blocks_scnet50", "blocks_scnet101", "ms", "ms_p20", "ms_p80", "first_call_s",
-        "minimal_bytes", "gbps", "copy_gbps", "pct_of_copy", *common.META_COLUMNS,
-    }  # fmt: skip
-    assert set(frame.columns) == expected
+    common.check_columns("gating.csv", frame.columns)
+    common.check_columns("bandwidth.csv", pd.read_csv(tmp_path / "bandwidth.csv").columns)
     assert sorted(frame["mode"]) == sorted(gating.MODES)
     assert (frame["timer"] == common.TIMER_CPU).all()
     assert (frame["ms_p20"] <= frame["ms"]).all() and (frame["ms"] <= frame["ms_p80"]).all()
@@ -154,7 +242,6 @@ def test_gating_csv_schema(tmp_path):
     gbps = frame["minimal_bytes"] / frame["ms"] / 1e6
     assert gbps.round(6).tolist() == frame["gbps"].round(6).tolist()
     assert (frame["pct_of_copy"] - 100 * frame["gbps"] / frame["copy_gbps"]).abs().max() < 1e-9
-    assert (tmp_path / "bandwidth.csv").exists()
 
 
 def test_gating_refuses_to_time_the_interpreter(tmp_path):
@@ -206,6 +293,22 @@ def test_exact_gate_uses_the_float32_index_map():
     assert (plain_double - exact).abs().max() > 0.1  # the float64 map really differs here
 
 
+@pytest.mark.parametrize("src, dst", [(24, 74), (14, 46), (16, 82), (45, 129), (2, 7), (1, 7),
+                                      (7, 7), (56, 224)])  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_nearest_source_index_is_pytorchs_low_precision_map(src, dst, dtype):
+    # Images of source row and column numbers (< 256: exact in bf16), upsampled by PyTorch.
+    rows = torch.arange(src, dtype=dtype).view(1, 1, src, 1).expand(1, 1, src, src)
+    up_rows = F.interpolate(rows.contiguous(), size=(dst, dst), mode="nearest")[0, 0].long()
+    up_cols = F.interpolate(rows.transpose(2, 3).contiguous(), size=(dst, dst))[0, 0].long()
+    index = nearest_source_index(dst, src)
+    assert index.dtype == torch.int64 and index.shape == (dst,)
+    assert torch.equal(up_rows, index.view(-1, 1).expand(dst, dst))
+    assert torch.equal(up_cols, index.view(1, -1).expand(dst, dst))
+    with pytest.raises(ValueError, match="sizes must be"):
+        nearest_source_index(0, src)
+
+
 def test_check_passes_the_triton_gate_on_small_shapes():
     rows = []
     for dtype, layout in (("fp32", "nchw"), ("bf16", "channels_last")):
@@ -252,6 +355,12 @@ def test_sweep_writes_one_winner_per_kernel_and_never_the_kernels_table(tmp_path
         max_configs=2,
     )
     frame = pd.read_csv(path)
+    common.check_columns("sweep.csv", frame.columns)
+    # One cfg_ column per meta-parameter of the kernels swept.
+    meta_parameters = {p for k in configs.KERNELS for p in configs.META_PARAMETERS[k]}
+    assert {c for c in frame.columns if c.startswith("cfg_")} == {
+        f"cfg_{p}" for p in meta_parameters
+    }
     assert len(frame) == 4 and frame["correct"].all()
     assert frame.groupby("kernel")["winner"].sum().to_dict() == {"backward": 1, "forward": 1}
     assert (frame["timer"] == sweep.TIMER_INTERPRETER).all()
@@ -335,15 +444,6 @@ def test_models_refuse_bad_grids(tmp_path):
         models.run(tmp_path, device="cpu", gates=("triton",))
     with pytest.raises(TypeError, match="unknown grid argument"):
         models.run(tmp_path, device="cpu", colour="red")
-
-
-@pytest.fixture
-def one_thread():
-    """One torch thread: two OpenMP threads on a shared 2-core machine wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_breakdown_attributes_gating_cat_and_backward_by_sequence_number(one_thread):
@@ -536,9 +636,7 @@ def test_gpu_sh_dry_run_runs_the_whole_pipeline(tmp_path):
         assert (out / name).stat().st_size > 0, name
     for csv in out.glob("*.csv"):
         frame = pd.read_csv(csv)
-        missing = set(common.META_COLUMNS) - set(frame.columns)
-        if csv.name != "models_skipped.csv":
-            assert not missing, (csv.name, missing)
+        common.check_columns(csv.name, frame.columns)
         if "timestamp" in frame:  # one run, one timestamp across every stage
             assert frame["timestamp"].nunique() == 1
     correctness = pd.read_csv(out / "gating_correctness.csv")

@@ -2,7 +2,8 @@
 
 The kernel is this test's own interpreter (``bench.notebooks.execute`` writes a temporary
 kernelspec for ``sys.executable``), so the notebooks see the same packages as the tests. The
-notebooks read the committed results in ``bench/results/``; nothing is written back.
+notebooks read the committed results in ``bench/results/`` (or ``$SCCONV_BENCH_RESULTS``);
+nothing is written back.
 """
 
 import pytest
@@ -38,3 +39,32 @@ def test_a_failing_cell_fails_the_run(tmp_path):
     nbformat.write(notebook, broken)
     with pytest.raises(CellExecutionError, match="ZeroDivisionError"):
         notebooks.execute(broken)
+
+
+def _stdout(notebook) -> str:
+    return "".join(
+        o.get("text", "")
+        for c in notebook.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+        if o.output_type == "stream"
+    )
+
+
+def test_missing_csvs_are_reported_in_the_cells(tmp_path, monkeypatch):
+    import shutil
+
+    from bench.common import RESULTS_DIR
+
+    # A results directory holding the gating results only: every other section must say so.
+    (tmp_path / "cpu").mkdir()
+    for name in ("gating.csv", "bandwidth.csv"):
+        shutil.copy(RESULTS_DIR / "cpu" / name, tmp_path / "cpu" / name)
+    monkeypatch.setenv("SCCONV_BENCH_RESULTS", str(tmp_path))  # the kernel inherits it
+    executed = notebooks.execute(notebooks.NOTEBOOK_DIR / "speed_vs_resnet.ipynb")
+    text = _stdout(executed)
+    for name in ("model_summary", "models", "breakdown", "gating_correctness"):
+        assert f"MISSING {name}.csv in {tmp_path / 'cpu'}/" in text, name
+    assert "MISSING gating.csv" not in text
+    executed = notebooks.execute(notebooks.NOTEBOOK_DIR / "autotune_sweep.ipynb")
+    assert "MISSING sweep.csv" in _stdout(executed)
