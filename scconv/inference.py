@@ -306,26 +306,15 @@ def _split_conv(conv: nn.Conv2d, split_sizes) -> tuple[nn.Conv2d, ...]:
     later ``model.to(...)`` converts each parameter on its own and gives the halves their own
     storage, with the same values.
     """
-    halves = []
-    for weight, bias in zip(
-        conv.weight.detach().split(split_sizes), conv.bias.detach().split(split_sizes), strict=True
-    ):
-        half = nn.Conv2d(
-            conv.in_channels,
-            weight.shape[0],
-            conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-            bias=True,
-            padding_mode=conv.padding_mode,
-            device="meta",
+    # _conv_like keeps these views: each block already has conv's dtype and memory format.
+    return tuple(
+        _conv_like(conv, weight, bias)
+        for weight, bias in zip(
+            conv.weight.detach().split(split_sizes),
+            conv.bias.detach().split(split_sizes),
+            strict=True,
         )
-        half.weight = nn.Parameter(weight, requires_grad=False)
-        half.bias = nn.Parameter(bias, requires_grad=False)
-        halves.append(half)
-    return tuple(halves)
+    )
 
 
 # ---------------------------------------------------------------------------------------------

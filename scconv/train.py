@@ -640,18 +640,25 @@ def train_one_epoch(loader, model, criterion, optimizer, scaler, epoch: int, ctx
                 f"loss is {loss_value} at epoch {epoch}, batch {i + 1}; lower --lr or use "
                 "--amp none/bf16"
             )
-        n = images.size(0)
-        c1, c5 = correct_counts(output.detach(), target)
-        losses.update(loss_value, n)
-        top1.update(100.0 * c1 / n, n)
-        top5.update(100.0 * c5 / n, n)
-        for j, v in enumerate((loss_value * n, c1, c5, n)):
-            sums[j] += v
+        _record_batch(output.detach(), target, loss_value, (losses, top1, top5), sums)
         batch_time.update(time.perf_counter() - end)
         end = time.perf_counter()
         if i % ctx.args.print_freq == 0 or i + 1 == num_batches:
             ctx.log(progress.line(i + 1))
     return ctx.all_sum(sums) + [time.perf_counter() - start]
+
+
+def _record_batch(output, target, loss_value: float, meters, sums: list) -> None:
+    """Add one batch's mean loss and top-1/top-5 hits to the (loss, top1, top5) meters and to
+    ``sums`` = [loss * images, top-1 hits, top-5 hits, images] (summed over ranks later)."""
+    losses, top1, top5 = meters
+    n = target.size(0)
+    c1, c5 = correct_counts(output, target)
+    losses.update(loss_value, n)
+    top1.update(100.0 * c1 / n, n)
+    top5.update(100.0 * c5 / n, n)
+    for j, v in enumerate((loss_value * n, c1, c5, n)):
+        sums[j] += v
 
 
 @torch.no_grad()
@@ -673,14 +680,7 @@ def validate(loader, model, criterion, ctx: Context) -> dict:
         with ctx.autocast():
             output = model(images)
             loss = criterion(output, target)
-        n = images.size(0)
-        loss_value = loss.item()
-        c1, c5 = correct_counts(output, target)
-        losses.update(loss_value, n)
-        top1.update(100.0 * c1 / n, n)
-        top5.update(100.0 * c5 / n, n)
-        for j, v in enumerate((loss_value * n, c1, c5, n)):
-            sums[j] += v
+        _record_batch(output, target, loss.item(), (losses, top1, top5), sums)
         batch_time.update(time.perf_counter() - end)
         end = time.perf_counter()
         if i % ctx.args.print_freq == 0 or i + 1 == num_batches:
