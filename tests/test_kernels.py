@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 import kernels
 from kernels import configs, gate, op  # noqa: F401  (op registers the custom ops)
-from kernels.reference import sc_gate_reference
+from kernels.reference import nearest_source_index, sc_gate_reference
 
 REPO = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
@@ -68,9 +68,9 @@ def make_inputs(N, C, H, W, h, w, dtype=torch.float32, layout="contiguous", seed
     return x, k2, k3, grad
 
 
-def source_index(small, big, dtype=torch.float32):
-    """The source index of each of ``big`` outputs, read off F.interpolate itself."""
-    probe = torch.arange(small, dtype=dtype).view(1, 1, small, 1)
+def source_index(small, big):
+    """The source index of each of ``big`` outputs, read off F.interpolate itself (float32)."""
+    probe = torch.arange(small, dtype=torch.float32).view(1, 1, small, 1)
     return F.interpolate(probe, size=(big, 1), mode="nearest").view(-1).long()
 
 
@@ -83,10 +83,12 @@ def reference_forward_backward(x, k2, k3, grad):
     asserts it so a new size cannot silently compare against a different mapping.
     """
     (H, W), (h, w) = x.shape[-2:], k2.shape[-2:]
-    for small, big in ((h, H), (w, W)):
-        assert torch.equal(source_index(small, big), source_index(small, big, torch.float64)), (
-            f"float64 and float32 nearest mappings differ for {small} -> {big}: pick another size"
-        )
+    # Checked on the real 2-D plane: PyTorch's float64 map along one axis can depend on the other.
+    probe = torch.arange(h * w, dtype=torch.float64).view(1, 1, h, w)
+    rows, cols = nearest_source_index(H, h), nearest_source_index(W, w)
+    assert torch.equal(
+        F.interpolate(probe, size=(H, W), mode="nearest"), probe[..., rows[:, None], cols]
+    ), f"float64 and float32 nearest mappings differ for {h}x{w} -> {H}x{W}: pick another size"
     inputs = [t.detach().double().requires_grad_() for t in (x, k2, k3)]
     out = sc_gate_reference(*inputs)
     out.backward(grad.double())
