@@ -23,6 +23,9 @@ from scconv import train
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = "128"
+# One batch of 2 synthetic images per pass: the quickest real run of the command line.
+DUMMY_RUN = ["--dummy", "--image-size", IMAGE_SIZE, "-j", "0", "-b", "2", "--num-classes", "10",
+             "--limit-batches", "1"]  # fmt: skip
 # Each class has its own colour and its own stripe pattern. The pattern matters: BatchNorm in
 # training mode normalises away a colour shared by a whole batch (batches of one class happen at
 # -b 4), while stripes survive it.
@@ -679,18 +682,8 @@ def test_dummy_data_channels_last_bf16(tmp_path):
     stdout = check_ok(
         run_cli(
             [
-                "--dummy",
-                "--image-size",
-                IMAGE_SIZE,
-                "-j",
-                "0",
-                "-b",
-                "2",
-                "--num-classes",
-                "10",
+                *DUMMY_RUN,
                 "--epochs",
-                "1",
-                "--limit-batches",
                 "1",
                 "--amp",
                 "bf16",
@@ -714,18 +707,8 @@ def test_fp16_grad_scaler_state_is_saved(tmp_path):
     check_ok(
         run_cli(
             [
-                "--dummy",
-                "--image-size",
-                IMAGE_SIZE,
-                "-j",
-                "0",
-                "-b",
-                "2",
-                "--num-classes",
-                "10",
+                *DUMMY_RUN,
                 "--epochs",
-                "1",
-                "--limit-batches",
                 "1",
                 "--amp",
                 "fp16",
@@ -745,19 +728,9 @@ def test_compile_evaluates(tmp_path):
     stdout = check_ok(
         run_cli(
             [
-                "--dummy",
+                *DUMMY_RUN,
                 "-e",
                 "--compile",
-                "--image-size",
-                IMAGE_SIZE,
-                "-j",
-                "0",
-                "-b",
-                "2",
-                "--num-classes",
-                "10",
-                "--limit-batches",
-                "1",
             ],
             timeout=900,
         )
