@@ -148,9 +148,12 @@ class FusedSCBottleneck(_FusedBlock):
         self.downsample = downsample
         self.avd_layer = avd_layer
 
+    def _halves_are_dense(self, x: torch.Tensor) -> bool:
+        """Whether the channel halves of ``conv1(x)`` are dense: one image in NCHW."""
+        return x.shape[0] == 1 and x.is_contiguous() and self.conv1.weight.is_contiguous()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 1 and x.is_contiguous() and self.conv1.weight.is_contiguous():
-            # One image in NCHW: the channel halves of the merged output are dense tensors.
+        if self._halves_are_dense(x):
             out_a, out_b = _relu(self.conv1(x)).split(self.split_sizes, dim=1)
         else:
             # Halves of a batch (or of channels_last) would be strided: k1, k2's pool and k3
