@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 BENCH_OUT ?= bench/results/cpu
 
-.PHONY: install test bench lint format clean
+.PHONY: install test test-compat bench lint format clean
 
 install: $(STAMP)
 
@@ -19,6 +19,25 @@ $(STAMP): pyproject.toml .ci/constraints.txt
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The GPU machine runs Triton 3.6 (with torch 2.11); this venv has the Triton that torch 2.14
+# pins. test-compat runs the kernel tests again with Triton 3.6 unpacked in front of it, through
+# 3.6's interpreter, which needs numpy<2.4 (see kernels/gate.py). Both come from PyPI, no torch.
+COMPAT := $(VENV)/compat
+COMPAT_STAMP := $(COMPAT)/.installed
+COMPAT_TRITON := triton==3.6.0
+
+$(COMPAT_STAMP): $(STAMP) Makefile
+	rm -rf $(COMPAT)
+	$(BIN)/python -m pip install -q --no-deps --target $(COMPAT)/triton '$(COMPAT_TRITON)'
+	$(BIN)/python -m pip install -q --no-deps --target $(COMPAT)/numpy 'numpy<2.4'
+	touch $(COMPAT_STAMP)
+
+test-compat: $(COMPAT_STAMP)
+	SCCONV_COMPAT_TRITON=$(abspath $(COMPAT)/triton) \
+	PYTHONPATH=$(abspath $(COMPAT)/triton):$(abspath $(COMPAT)/numpy) \
+	$(BIN)/python -m pytest tests/test_kernels.py -p no:cacheprovider \
+	    -W "ignore:Conversion of an array with ndim:DeprecationWarning" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench --out $(BENCH_OUT)

@@ -373,8 +373,43 @@ def check_inputs(x: torch.Tensor, k2: torch.Tensor, k3: torch.Tensor) -> None:
         )
 
 
+@triton.jit
+def _loop_bound_probe(out_ptr, n):
+    # The kernels loop over ranges bounded by kernel arguments and values derived from
+    # tl.program_id; this is the smallest kernel that does the same.
+    count = tl.full([1], 0, tl.int32)
+    for _ in range(0, n):
+        count += 1
+    tl.store(out_ptr + tl.arange(0, 1), count)
+
+
+@functools.cache
+def _check_interpreter_loops() -> None:
+    """Raise ``RuntimeError`` if Triton's interpreter cannot run a loop bounded by a kernel value.
+
+    Triton 3.6's interpreter turns such a bound into a Python int with ``int(array)`` on a
+    one-element NumPy array, which NumPy 2.4 made an error ("only 0-dimensional arrays can be
+    converted to Python scalars"): every launch would fail deep inside the interpreter. Seen with
+    Triton 3.6 + NumPy 2.4 (NumPy 2.3 works, with deprecation warnings); Triton 3.8 works with both.
+    """
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        _loop_bound_probe[(1,)](out, 3)
+    except Exception as error:  # the interpreter wraps the cause in its own InterpreterError
+        raise RuntimeError(
+            f"Triton {triton.__version__}'s interpreter cannot run the SC-Conv kernels with "
+            f"NumPy {np.__version__}: it failed on a loop bounded by a kernel argument ({error}). "
+            "Triton 3.6's interpreter needs numpy<2.4 ('pip install \"numpy<2.4\"'); Triton 3.8 "
+            "works with either. Or use gate='eager' for CPU tensors."
+        ) from error
+    if int(out) != 3:
+        raise RuntimeError(f"Triton's interpreter ran a 3-step loop {int(out)} times")
+
+
 def _check_launchable(x: torch.Tensor) -> None:
     runtime.require_runnable(INTERPRETED)
+    if INTERPRETED:
+        _check_interpreter_loops()
     if not INTERPRETED and x.device.type != "cuda":
         raise ValueError(
             f"sc_gate: the Triton kernels are compiled for CUDA here, got tensors on {x.device}; "

@@ -619,6 +619,47 @@ def test_interpreter_switched_off_without_gpu_raises_helpful_error():
     assert "TRITON_INTERPRET=1" in result.stderr and "import `kernels`" in result.stderr
 
 
+@pytest.mark.skipif(CUDA, reason="the interpreter is checked only where it runs")
+def test_interpreter_that_cannot_loop_is_named(monkeypatch):
+    # What Triton 3.6's interpreter raises under NumPy >= 2.4 (see gate._check_interpreter_loops);
+    # `make test-compat` also checks the real failure with Triton 3.6.
+    from triton.runtime.errors import InterpreterError
+
+    def failing_launch(*args):
+        raise InterpreterError(repr(TypeError("only 0-dimensional arrays can be converted")))
+
+    monkeypatch.setattr(gate, "_loop_bound_probe", {(1,): failing_launch})
+    gate._check_interpreter_loops.cache_clear()
+    x, k2, k3 = torch.randn(1, 2, 6, 5), torch.randn(1, 2, 2, 2), torch.randn(1, 2, 6, 5)
+    try:
+        with pytest.raises(RuntimeError, match=r"interpreter cannot run .*numpy<2\.4"):
+            kernels.sc_gate(x, k2, k3)
+    finally:
+        gate._check_interpreter_loops.cache_clear()
+    monkeypatch.undo()
+    torch.testing.assert_close(kernels.sc_gate(x, k2, k3), sc_gate_reference(x, k2, k3))
+
+
+COMPAT_TRITON = os.environ.get("SCCONV_COMPAT_TRITON")  # set by `make test-compat`
+
+
+@pytest.mark.skipif(not COMPAT_TRITON, reason="needs `make test-compat` (Triton 3.6 unpacked)")
+@pytest.mark.skipif(CUDA, reason="the interpreter is checked only where it runs")
+def test_triton36_interpreter_with_new_numpy_raises_named_error():
+    # Triton 3.6 first on the path, with this venv's own NumPy rather than the older one that
+    # `make test-compat` puts beside it.
+    path = {"PYTHONPATH": f"{REPO}{os.pathsep}{COMPAT_TRITON}"}
+    numpy_version = _run_python("import numpy; print(numpy.__version__)", path).stdout.strip()
+    if tuple(int(v) for v in numpy_version.split(".")[:2]) < (2, 4):
+        pytest.skip(f"this venv's NumPy {numpy_version} still converts 1-element arrays")
+    code = "import torch, kernels\n" + textwrap.dedent(
+        _CHECK.format(call="kernels.sc_gate(x, k2, k3)")
+    )
+    result = _run_python(code, path)
+    assert result.returncode != 0
+    assert "Triton 3.6" in result.stderr and "numpy<2.4" in result.stderr, result.stderr[-3000:]
+
+
 def test_importing_kernels_does_not_import_triton():
     result = _run_python(
         "import sys, kernels\nprint('triton' in sys.modules, 'kernels.gate' in sys.modules)"
