@@ -21,8 +21,9 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The GPU machine runs Triton 3.6 (with torch 2.11); this venv has the Triton that torch 2.14
-# pins. test-compat runs the kernel tests again with Triton 3.6 unpacked in front of it, through
-# 3.6's interpreter, which needs numpy<2.4 (see kernels/gate.py). Both come from PyPI, no torch.
+# pins. test-compat runs the tests of the Triton code again with Triton 3.6 unpacked in front of
+# the venv's, through 3.6's interpreter, which needs numpy<2.4 (see kernels/gate.py). Both come
+# from PyPI; torch stays the venv's.
 COMPAT := $(VENV)/compat
 COMPAT_STAMP := $(COMPAT)/.installed
 COMPAT_TRITON := triton==3.6.0
@@ -36,7 +37,8 @@ $(COMPAT_STAMP): $(STAMP) Makefile
 test-compat: $(COMPAT_STAMP)
 	SCCONV_COMPAT_TRITON=$(abspath $(COMPAT)/triton) \
 	PYTHONPATH=$(abspath $(COMPAT)/triton):$(abspath $(COMPAT)/numpy) \
-	$(BIN)/python -m pytest tests/test_kernels.py -p no:cacheprovider \
+	$(BIN)/python -m pytest tests/test_kernels.py tests/test_gate_models.py tests/test_inference.py \
+	    -p no:cacheprovider \
 	    -W "ignore:Conversion of an array with ndim:DeprecationWarning" $(PYTEST_ARGS)
 
 bench: $(STAMP)
