@@ -14,6 +14,12 @@ Without one (CPU mode, labelled as such in every CSV row, plot title and the sum
 Each stage runs in its own Python process (a failure or a CUDA error in one does not stop the
 others; the interpreter switch is per process) and shares the run's timestamp. The summary is
 printed last; the exit status is 1 if any stage failed.
+
+``--deadline-s`` is a hard limit on top of the budget (which only decides what the stages start
+measuring): a stage still running at the deadline gets SIGTERM, on which it writes the rows it
+measured (``bench.common.ResultWriter``) and ends, or is killed ``STOP_GRACE_S`` later; later
+stages are not started; plots and the summary still follow, and the summary names the stopped
+stage. A stopped stage is not a failure: the exit status stays 0 unless a stage failed.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -94,7 +101,9 @@ def plan(out: Path, gpu: bool, dry_run: bool) -> list[Stage]:
     if gpu:
         return [
             Stage("summary", ["scconv", "summary"], capture="model_summary.txt"),
-            Stage("check", ["bench.check", *o]),
+            # Compiles and autotunes every shape it meets: bounded, so the sweep and the
+            # measurements keep most of the budget (the cuda tests check the kernels too).
+            Stage("check", ["bench.check", *o], share=0.15),
             Stage("sweep", ["bench.sweep", *o], share=0.2),
             Stage("gating", ["bench.gating", *o], share=0.4),
             Stage("models", ["bench.models", *o, "--summary"], share=1.0),
@@ -107,24 +116,76 @@ def plan(out: Path, gpu: bool, dry_run: bool) -> list[Stage]:
     ]
 
 
-def run_stage(stage: Stage, out: Path, env: dict, budget_s: float | None) -> tuple[bool, float]:
-    """Run one stage; returns (succeeded, seconds)."""
+# After SIGTERM, how long a stopped stage may take to write its CSVs before SIGKILL. Python runs
+# the handler (bench.common._flush_and_exit) only when the main thread is back from the C call
+# it is in (a kernel compile, a cuDNN search, a synchronize), which can take seconds.
+STOP_GRACE_S = 15.0
+
+DONE, FAILED, STOPPED = "done", "FAILED", "stopped at the deadline"
+
+
+def _signal_group(process: subprocess.Popen, signum: int) -> None:
+    """Send ``signum`` to the stage's process group (the stage and its workers), if any left."""
+    try:
+        os.killpg(process.pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _stop(process: subprocess.Popen, name: str, reason: str) -> str | None:
+    """Stop a running stage: SIGTERM, then SIGKILL after ``STOP_GRACE_S``; returns its stdout."""
+    log(f"=== bench: stage {name}: {reason}, stopping it (SIGTERM)")
+    _signal_group(process, signal.SIGTERM)
+    try:
+        stdout, _ = process.communicate(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        log(f"=== bench: stage {name} still running {STOP_GRACE_S:.0f}s after SIGTERM: SIGKILL")
+        _signal_group(process, signal.SIGKILL)
+        stdout, _ = process.communicate()
+    # Leftover workers (e.g. torch.compile's) must not outlive the stage: they would keep the
+    # log pipe of bench/gpu.sh open.
+    _signal_group(process, signal.SIGKILL)
+    return stdout
+
+
+def run_stage(
+    stage: Stage, out: Path, env: dict, budget_s: float | None, deadline: float | None = None
+) -> tuple[str, float]:
+    """Run one stage, stopping it at ``deadline`` (a ``time.monotonic()`` value; None: never).
+
+    Returns (``DONE``, ``FAILED`` or ``STOPPED``, seconds).
+    """
     command = [sys.executable, "-m", *stage.args]
     if budget_s is not None and stage.share:
         command += ["--budget-s", f"{budget_s:.0f}"]
     log(f"\n=== bench: stage {stage.name}: {' '.join(command[1:])}")
     start = time.monotonic()
+    # A process group of its own, so that a stop reaches the stage's worker processes too.
+    process = subprocess.Popen(
+        command,
+        env=env,
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE if stage.capture else sys.stderr,
+        text=True,
+        start_new_session=True,
+    )
+    timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+    try:
+        stdout, _ = process.communicate(timeout=timeout)
+        status = DONE if process.returncode == 0 else FAILED
+    except subprocess.TimeoutExpired:
+        stdout = _stop(process, stage.name, "deadline reached")
+        status = STOPPED
+    except BaseException:  # e.g. Ctrl-C: the stage is in its own session and did not get it
+        _stop(process, stage.name, "interrupted")
+        raise
     if stage.capture:
-        result = subprocess.run(command, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
-        sys.stderr.write(result.stdout)
-        if result.returncode == 0:
-            write_text(result.stdout, out / stage.capture)
-    else:
-        result = subprocess.run(command, env=env, cwd=REPO_ROOT, stdout=sys.stderr)
+        sys.stderr.write(stdout or "")
+        if status == DONE:
+            write_text(stdout, out / stage.capture)
     seconds = time.monotonic() - start
-    ok = result.returncode == 0
-    log(f"=== bench: stage {stage.name} {'done' if ok else 'FAILED'} in {seconds:.0f}s")
-    return ok, seconds
+    log(f"=== bench: stage {stage.name} {status} in {seconds:.0f}s")
+    return status, seconds
 
 
 def main(argv=None) -> int:
@@ -142,6 +203,14 @@ def main(argv=None) -> int:
         help="wall-clock seconds for the measuring stages (default: 480 on the CPU, none on a "
         "GPU; bench/gpu.sh passes its own); stages skip what no longer fits",
     )
+    parser.add_argument(
+        "--deadline-s",
+        type=float,
+        default=None,
+        help="hard wall-clock limit in seconds from the start (default: none; bench/gpu.sh "
+        "passes one): a stage still running then is stopped, keeping the rows it wrote, later "
+        "stages are not run, and plots and the summary follow",
+    )
     parser.add_argument("--skip", default="", help="comma-separated stage names to leave out")
     parser.add_argument(
         "--threads",
@@ -150,6 +219,10 @@ def main(argv=None) -> int:
         help="CPU mode: torch threads per stage (default 1, or $OMP_NUM_THREADS if set)",
     )
     args = parser.parse_args(argv)
+    start = time.monotonic()
+    if args.deadline_s is not None and args.deadline_s <= 0:
+        parser.error(f"--deadline-s must be positive, got {args.deadline_s}")
+    deadline = None if args.deadline_s is None else start + args.deadline_s
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -181,17 +254,32 @@ def main(argv=None) -> int:
     stages = [s for s in plan(out, gpu, args.dry_run) if s.name not in skip]
 
     mode = "dry run (CPU, tiny inputs)" if args.dry_run else ("GPU" if gpu else "CPU mode")
-    log(f"bench: {mode}; writing to {out}" + (f"; budget {budget_s:.0f}s" if budget_s else ""))
-    start = time.monotonic()
-    failed = []
+    log(
+        f"bench: {mode}; writing to {out}"
+        + (f"; budget {budget_s:.0f}s" if budget_s else "")
+        + (f"; deadline {args.deadline_s:.0f}s" if deadline is not None else "")
+    )
+    failed, stopped, not_run = [], [], []
     for stage in stages:
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            not_run.append(stage.name)
+            log(f"=== bench: stage {stage.name} not run: the deadline has passed")
+            continue
         stage_budget = None
         if budget_s is not None and stage.share:
-            left = budget_s - (time.monotonic() - start)
+            left = budget_s - (now - start)
             stage_budget = max(left * stage.share, 0.0)
-        ok, _ = run_stage(stage, out, env, stage_budget)
-        if not ok:
+            if deadline is not None:  # a budget past the deadline would only get it stopped
+                stage_budget = min(stage_budget, deadline - now)
+        status, _ = run_stage(stage, out, env, stage_budget, deadline)
+        if status == FAILED:
             failed.append(stage.name)
+        elif status == STOPPED:
+            stopped.append(stage.name)
+            # A stage killed while writing leaves its temporary file (the CSV itself is whole).
+            for temporary in out.glob(".*.tmp"):
+                temporary.unlink(missing_ok=True)
 
     from bench.plots import plot_all
     from bench.summary import summarize
@@ -203,9 +291,16 @@ def main(argv=None) -> int:
         log(f"bench: plots FAILED: {type(error).__name__}: {error}")
         failed.append("plots")
     text = summarize(out)
-    text += f"\ntotal wall time {time.monotonic() - start:.0f}s"
+    if stopped:
+        text += (
+            f"\nSTOPPED at the deadline ({args.deadline_s:.0f}s): {', '.join(stopped)} "
+            "(the rows measured before the stop are kept)"
+        )
+    if not_run:
+        text += f"\nnot run (deadline passed): {', '.join(not_run)}"
     if failed:
         text += f"\nFAILED stages: {', '.join(failed)}"
+    text += f"\ntotal wall time {time.monotonic() - start:.0f}s"
     write_text(text + "\n", out / "summary.txt")
     sys.stdout.flush()
     print(text, flush=True)

@@ -22,11 +22,12 @@ import kernels  # first: on a CPU-only machine this switches Triton's interprete
 from bench.common import (
     DTYPES,
     TOLERANCES,
+    Budget,
+    ResultWriter,
     default_device,
     default_out_dir,
     log,
     metadata,
-    write_csv,
 )
 from bench.gating import GATING_SHAPES, LAYOUTS, GatingShape, make_inputs
 from kernels.reference import nearest_source_index, sc_gate_reference
@@ -113,9 +114,12 @@ def _format(layout: str):
     return torch.channels_last if layout == "channels_last" else torch.contiguous_format
 
 
-def run(out_dir: str | Path, *, device: str | None = None, shapes=None) -> Path:
+def run(
+    out_dir: str | Path, *, device: str | None = None, shapes=None, budget_s: float | None = None
+) -> Path:
     """Run every case (``shapes``: default ``CHECK_SHAPES``, plus the SCNet shapes on a GPU);
-    write ``gating_correctness.csv`` into ``out_dir``."""
+    write ``gating_correctness.csv`` into ``out_dir``. Shapes not started within ``budget_s``
+    seconds are skipped (on a GPU the first call of each new shape compiles and autotunes)."""
     device = device or default_device()
     cases = [(shape, 2) for shape in (shapes or CHECK_SHAPES)]
     if device == "cuda" and shapes is None:
@@ -123,24 +127,35 @@ def run(out_dir: str | Path, *, device: str | None = None, shapes=None) -> Path:
     meta = metadata(device)
     meta["timer"] = "none (correctness only)"
     interpreted = device != "cuda"
-    rows = []
-    for shape, batch in cases:
+    # Written as it goes: a run stopped at its deadline keeps the checks already made.
+    writer = ResultWriter(Path(out_dir) / "gating_correctness.csv", meta)
+    budget = Budget(budget_s)
+    for index, (shape, batch) in enumerate(cases):
+        if not budget.allows():
+            skipped = ", ".join(s.stage for s, _ in cases[index:])
+            log(f"check: budget of {budget_s:.0f}s spent; not checked: {skipped}")
+            break
         for dtype in TOLERANCES:
             for layout in LAYOUTS:
                 for row in check_case(shape, batch, dtype, layout, device):
-                    rows.append({**row, "interpreter": interpreted, **meta})
+                    writer.add({**row, "interpreter": interpreted})
         log(f"check: {shape.stage} done ({'interpreter' if interpreted else device})")
-    return write_csv(rows, Path(out_dir) / "gating_correctness.csv")
+    return writer.flush() or writer.path  # (no file if the budget allowed no shape at all)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.check", description=__doc__)
     parser.add_argument("--out", default=None, help="output directory (default bench/results/..)")
     parser.add_argument("--quick", action="store_true", help="only the first shape (dry runs)")
+    parser.add_argument("--budget-s", type=float, default=None, help="skip shapes past this")
     args = parser.parse_args(argv)
     device = default_device()
     out = Path(args.out) if args.out else default_out_dir(device)
-    path = run(out, device=device, shapes=CHECK_SHAPES[:1] if args.quick else None)
+    shapes = CHECK_SHAPES[:1] if args.quick else None
+    path = run(out, device=device, shapes=shapes, budget_s=args.budget_s)
+    if not path.exists():
+        print("nothing checked: the budget allowed no shape")
+        return
     import pandas as pd
 
     frame = pd.read_csv(path)

@@ -20,10 +20,14 @@ import functools
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import traceback
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -448,9 +452,43 @@ def write_text(text: str, path: str | os.PathLike) -> Path:
     return _atomic_write(Path(path), lambda handle: handle.write(text))
 
 
+# Every ResultWriter alive in this process: what a SIGTERM writes out before the process exits.
+_LIVE_WRITERS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _flush_and_exit(signum, frame) -> None:
+    """SIGTERM handler: write every live ResultWriter's rows, then die of the signal as if it
+    had not been handled (so SIGTERM still ends a pytest run or a notebook kernel).
+
+    ``python -m bench`` stops a stage that runs past its deadline with SIGTERM. Python runs this
+    between two bytecodes of the main thread, so the rows are consistent; a write it interrupted
+    leaves only its temporary file behind, never a half-written CSV.
+    """
+    for writer in list(_LIVE_WRITERS):
+        try:
+            path = writer.flush()
+        except Exception as error:  # the other writers must still get their turn
+            log(f"stopped by signal {signum}: could not write {writer.path}: {error}")
+            continue
+        if path is not None:
+            log(f"stopped by signal {signum}: {len(writer.rows)} rows kept in {path}")
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    raise SystemExit(128 + signum)  # not reached: the default action ends the process
+
+
+def _flush_on_sigterm() -> None:
+    """Install ``_flush_and_exit`` for SIGTERM, unless this is not the main thread (where Python
+    cannot install handlers) or someone else already handles SIGTERM."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _flush_and_exit)
+
+
 class ResultWriter:
-    """Collects rows and rewrites the CSV (atomically) at most every ``every_s`` seconds, so a
-    run that is stopped keeps what it measured."""
+    """Collects rows and rewrites the CSV (atomically) at most every ``every_s`` seconds, and
+    once more on SIGTERM (``_flush_and_exit``), so a run that is stopped keeps what it measured."""
 
     def __init__(
         self,
@@ -467,6 +505,8 @@ class ResultWriter:
         self.rows: list[dict] = []
         self.every_s = every_s
         self._last = 0.0
+        _LIVE_WRITERS.add(self)
+        _flush_on_sigterm()
 
     def add(self, row: dict) -> None:
         self.rows.append({**row, **self.meta})
@@ -530,6 +570,29 @@ class Progress:
             f"~{_fmt_s(left)} left] {label}",
             file=self.stream,
             flush=True,
+        )
+
+
+def record_failure(failures: list[str], label: str, error: Exception) -> None:
+    """Log ``error`` with its traceback and add ``label`` to ``failures``, so that the caller can
+    go on with its next measurement (and fail at the end, after writing its CSVs).
+
+    A CUDA error is raised again instead: it leaves the CUDA context unusable for what follows.
+    """
+    accelerator_error = getattr(torch, "AcceleratorError", ())  # torch >= 2.8
+    if isinstance(error, accelerator_error):
+        raise error
+    log(f"{label}: FAILED\n{traceback.format_exc().rstrip()}")
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    failures.append(f"{label}: {type(error).__name__}: {first_line}")
+
+
+def raise_failures(failures: list[str]) -> None:
+    """``RuntimeError`` listing ``failures`` (``record_failure``), if there are any."""
+    if failures:
+        raise RuntimeError(
+            f"{len(failures)} measurement(s) failed (tracebacks above; the others are "
+            "written):\n  " + "\n  ".join(failures)
         )
 
 

@@ -39,6 +39,8 @@ from bench.common import (
     dtype_from_name,
     log,
     metadata,
+    raise_failures,
+    record_failure,
     time_fn,
     write_csv,
 )
@@ -247,6 +249,7 @@ def run(
     writer = ResultWriter(out_dir / "gating.csv", meta)
     progress = Progress("gating", len(groups))
     skipped = 0
+    failures: list[str] = []  # one provider failing (a compile error, say) must not stop the rest
     for batch, dtype, layout, shape in groups:
         label = f"{shape.stage} N={batch} {dtype} {layout}"
         if not budget.allows():
@@ -257,8 +260,12 @@ def run(
         for provider in providers:
             fn = provider_fn(provider)
             for mode in modes:
-                run_mode, first_call_s = mode_fn(fn, mode, x, k2, k3, g)
-                measured = time_fn(run_mode, device, **timing)
+                try:
+                    run_mode, first_call_s = mode_fn(fn, mode, x, k2, k3, g)
+                    measured = time_fn(run_mode, device, **timing)
+                except Exception as error:
+                    record_failure(failures, f"gating: {provider} {mode} {label}", error)
+                    continue
                 nbytes = minimal_bytes(shape, batch, x.element_size(), mode)
                 gbps = nbytes / measured.ms / 1e6
                 writer.add(
@@ -289,6 +296,7 @@ def run(
     path = writer.flush() or out_dir / "gating.csv"
     if skipped:
         log(f"gating: {skipped} of {len(groups)} groups skipped: budget of {budget_s:.0f}s spent")
+    raise_failures(failures)
     return path
 
 

@@ -13,10 +13,13 @@
 #
 # Environment: PYTHON (default python3), SCCONV_BENCH_BUDGET_S (default 470: seconds for the
 # measuring stages, chosen to keep the whole run under 9 minutes on one H100 with ~70 s for
-# start-up, plots and summary; raise it for a fuller grid), SCCONV_BENCH_DRY_RUN=1 (= --dry-run).
+# start-up, plots and summary; raise it for a fuller grid), SCCONV_BENCH_DEADLINE_S (default 540:
+# hard limit in whole seconds from the start of this script; a stage still running then is
+# stopped, keeping the rows it measured, and plots and the summary still follow, up to about
+# 30 s later), SCCONV_BENCH_DRY_RUN=1 (= --dry-run).
 set -euo pipefail
 
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
 
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -33,12 +36,21 @@ for arg in "$@"; do
     esac
 done
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+DEADLINE_S="${SCCONV_BENCH_DEADLINE_S:-540}"
+if ! [[ "$DEADLINE_S" =~ ^[0-9]+$ ]] || (( 10#$DEADLINE_S == 0 )); then
+    echo "bench/gpu.sh: SCCONV_BENCH_DEADLINE_S must be a positive whole number of seconds," \
+         "got '$DEADLINE_S'" >&2
+    exit 2
+fi
+DEADLINE_S=$(( 10#$DEADLINE_S ))  # no octal reading of a leading zero
+# What is left of the deadline now ($SECONDS: seconds since this script started), at least 1 s.
+deadline_left() { local left=$(( DEADLINE_S - SECONDS )); echo $(( left > 0 ? left : 1 )); }
 
 if [[ "$DRY_RUN" == 1 ]]; then
     OUT="${OUT:-${TMPDIR:-/tmp}/scconv-bench-dry-run}"
     mkdir -p "$OUT"
     # pipefail: the pipeline fails when python does; the summary stays the last output.
-    "$PY" -m bench --out "$OUT" --dry-run 2>&1 | tee "$OUT/log.txt"
+    "$PY" -m bench --out "$OUT" --dry-run --deadline-s "$(deadline_left)" 2>&1 | tee "$OUT/log.txt"
     exit 0
 fi
 
@@ -51,5 +63,7 @@ if [[ -z "$OUT" ]]; then
     OUT="$("$PY" -c 'from bench.common import default_out_dir; print(default_out_dir("cuda"))')"
 fi
 mkdir -p "$OUT"
-echo "bench/gpu.sh: writing to $OUT (budget ${SCCONV_BENCH_BUDGET_S:-470}s)" >&2
-"$PY" -m bench --out "$OUT" --budget-s "${SCCONV_BENCH_BUDGET_S:-470}" 2>&1 | tee "$OUT/log.txt"
+echo "bench/gpu.sh: writing to $OUT (budget ${SCCONV_BENCH_BUDGET_S:-470}s," \
+     "deadline ${DEADLINE_S}s)" >&2
+"$PY" -m bench --out "$OUT" --budget-s "${SCCONV_BENCH_BUDGET_S:-470}" \
+    --deadline-s "$(deadline_left)" 2>&1 | tee "$OUT/log.txt"

@@ -47,6 +47,8 @@ from bench.common import (
     log,
     metadata,
     peak_memory_mib,
+    raise_failures,
+    record_failure,
     time_fn,
     write_csv,
 )
@@ -304,6 +306,17 @@ def _is_device_event(event) -> bool:
     return getattr(event, "device_type", None) == torch.autograd.DeviceType.CUDA
 
 
+_RANGES = (FORWARD_RANGE, BACKWARD_RANGE, SCCONV_RANGE)
+
+
+def _is_kernel(event) -> bool:
+    """A device event that is GPU work: not a ``gpu_user_annotation``, the copy of a
+    ``record_function`` range that the profiler puts on the GPU timeline (spanning the kernels
+    launched inside it, so counting it would count them twice)."""
+    annotation = getattr(event, "is_user_annotation", False) or event.name in _RANGES
+    return _is_device_event(event) and not annotation
+
+
 def categorize_events(events, use_device_time: bool) -> list[dict]:
     """Sum self time per (pass, category) over a profile's events.
 
@@ -332,6 +345,10 @@ def categorize_events(events, use_device_time: bool) -> list[dict]:
 
     def self_time(event) -> float:
         if use_device_time:
+            if event.name in _RANGES:
+                # A range launches nothing itself; its self device time can only be the span of
+                # its own gpu_user_annotation (see _is_kernel).
+                return 0.0
             # self_device_time_total since torch 2.4 (self_cuda_time_total before).
             value = getattr(event, "self_device_time_total", None)
             if value is None:
@@ -385,7 +402,7 @@ def categorize_events(events, use_device_time: bool) -> list[dict]:
         for category in CATEGORIES
     ]
     if use_device_time:
-        kernel_us = sum(e.time_range.elapsed_us() for e in events if _is_device_event(e))
+        kernel_us = sum(e.time_range.elapsed_us() for e in events if _is_kernel(e))
         missing_us = kernel_us - sum(totals.values())
         if missing_us > 0.01 * max(kernel_us, 1e-9):
             rows.append(
@@ -626,12 +643,13 @@ def run(
     progress = Progress("models", len(cases) + (1 if breakdown else 0))
     spent: dict = {}
     skipped = []
+    failures: list[str] = []  # one broken case (a compile error, say) must not cost the others
     base_models: dict = {}
     breakdown_done = not breakdown
     for case in cases:
         if not breakdown_done and REGIMES[case.regime].compiles:
             # Before the first compiling case: the breakdown is cheap and central.
-            _run_breakdown(out_dir, meta, settings, device, progress)
+            _run_breakdown(out_dir, meta, settings, device, progress, failures)
             breakdown_done = True
         estimate = _estimate(case, device, spent)
         # A margin: a compile that takes longer than the last one must still fit.
@@ -642,17 +660,21 @@ def run(
             continue
         started = time.monotonic()
         key = (case.model, case.gate, case.layout)
-        if key not in base_models:
-            base_models.clear()  # one model on the device at a time
-            if device == "cuda":
-                torch.cuda.empty_cache()
-            base_models[key] = build_model(case.model, case.gate, device, case.layout)
         try:
+            if key not in base_models:
+                base_models.clear()  # one model on the device at a time
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+                base_models[key] = build_model(case.model, case.gate, device, case.layout)
             row = measure(case, base_models[key], device, timing)
         except torch.cuda.OutOfMemoryError as error:
             log(f"models: {case.label}: out of memory ({str(error).splitlines()[0]})")
             skipped.append(case)
             progress.step(f"{case.label}: out of memory, skipped")
+            continue
+        except Exception as error:
+            record_failure(failures, f"models: {case.label}", error)
+            progress.step(f"{case.label}: FAILED ({type(error).__name__})")
             continue
         finally:
             if REGIMES[case.regime].compiles:
@@ -670,14 +692,18 @@ def run(
         )
     base_models.clear()
     if not breakdown_done:
-        _run_breakdown(out_dir, meta, settings, device, progress)
-    _write_op_counts(out_dir, meta, settings)
+        _run_breakdown(out_dir, meta, settings, device, progress, failures)
+    try:
+        _write_op_counts(out_dir, meta, settings)
+    except Exception as error:
+        record_failure(failures, "models: ATen op counts", error)
     path = writer.flush() or out_dir / "models.csv"
     if skipped:
         log(f"models: {len(skipped)} of {len(cases)} cases skipped (budget or memory)")
         write_csv([vars(c) for c in skipped], out_dir / "models_skipped.csv")
     else:
         (out_dir / "models_skipped.csv").unlink(missing_ok=True)
+    raise_failures(failures)
     return path
 
 
@@ -692,8 +718,12 @@ def _write_op_counts(out_dir: Path, meta: dict, settings: dict) -> Path:
     return write_csv(frame, out_dir / "aten_ops.csv")
 
 
-def _run_breakdown(out_dir: Path, meta: dict, settings: dict, device: str, progress) -> Path:
-    """Profile SCNet-50 (each gate) and ResNet-50 at the headline precision, layout, batch."""
+def _run_breakdown(
+    out_dir: Path, meta: dict, settings: dict, device: str, progress, failures: list[str]
+) -> Path | None:
+    """Profile SCNet-50 (each gate) and ResNet-50 at the headline precision, layout, batch.
+
+    A variant that fails is recorded in ``failures`` and left out; the others are written."""
     rows = []
     variants = [("scnet50", gate) for gate in settings["gates"]] + [("resnet50", NO_GATE)]
     for model_name, gate in variants:
@@ -708,10 +738,16 @@ def _run_breakdown(out_dir: Path, meta: dict, settings: dict, device: str, progr
             max(settings["batches"][0], 2),
             settings["image_size"],
         )
-        model = build_model(model_name, gate, device, case.layout)
-        rows.extend(op_breakdown(model, case, device))
-        del model
-    path = write_csv([{**r, **meta} for r in rows], out_dir / "breakdown.csv")
+        try:
+            model = build_model(model_name, gate, device, case.layout)
+            rows.extend(op_breakdown(model, case, device))
+        except Exception as error:
+            record_failure(failures, f"models: per-op breakdown of {model_name} [{gate}]", error)
+        finally:
+            model = None  # the next variant's model takes its place on the device
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    path = write_csv([{**r, **meta} for r in rows], out_dir / "breakdown.csv") if rows else None
     progress.step("per-op breakdown (torch.profiler) of SCNet-50 and ResNet-50")
     return path
 

@@ -97,10 +97,21 @@ def cases(shapes, batches, dtypes, layouts):
                         yield shape, batch, dtype, layout, key
 
 
+def _unlaunchable_errors() -> tuple[type[Exception], ...]:
+    """What Triton raises for a configuration this GPU cannot compile or run (too many registers
+    or too much shared memory, a ptxas failure): Triton's autotuner skips these too."""
+    from triton.compiler.errors import CompileTimeAssertionFailure
+    from triton.runtime.errors import OutOfResources, PTXASError
+
+    return OutOfResources, PTXASError, CompileTimeAssertionFailure
+
+
 def time_configs(kernel: str, search, inputs, dtype: str, timing: dict) -> list[dict]:
     """Check and time each configuration of ``search`` on ``inputs`` = (x, k2, k3, g).
 
-    Returns one row per configuration (``"_config"`` holds the ``triton.Config``).
+    Returns one row per configuration (``"_config"`` holds the ``triton.Config``). A
+    configuration that cannot be compiled or launched on this GPU gets NaN times and
+    ``correct=False`` (it never wins) instead of ending the sweep.
     """
     from kernels.gate import gate_backward, gate_forward
 
@@ -113,16 +124,24 @@ def time_configs(kernel: str, search, inputs, dtype: str, timing: dict) -> list[
             def launch(config=config):
                 return gate_forward(x, k2, k3, config=config)
 
-            correct = _close(launch(), expected_out, dtype)
         else:
 
             def launch(config=config):
                 return gate_backward(g, x, k2, k3, config=config)
 
-            correct = all(
-                _close(a, e, dtype) for a, e in zip(launch(), expected_grads, strict=True)
-            )
-        measured = time_fn(launch, x.device.type, **timing)
+        try:
+            result = launch()
+            if kernel == "forward":
+                correct = _close(result, expected_out, dtype)
+            else:
+                pairs = zip(result, expected_grads, strict=True)
+                correct = all(_close(a, e, dtype) for a, e in pairs)
+            measured = time_fn(launch, x.device.type, **timing).as_row()
+        except _unlaunchable_errors() as error:
+            log(f"sweep: {kernel} {config_name(config)} cannot run here: "
+                f"{type(error).__name__}: {error}")  # fmt: skip
+            correct = False
+            measured = {"ms": float("nan"), "ms_p20": float("nan"), "ms_p80": float("nan")}
         rows.append(
             {
                 "kernel": kernel,
@@ -130,7 +149,7 @@ def time_configs(kernel: str, search, inputs, dtype: str, timing: dict) -> list[
                 **{f"cfg_{k}": v for k, v in config.kwargs.items()},
                 "num_warps": config.num_warps,
                 "num_stages": config.num_stages,
-                **measured.as_row(),
+                **measured,
                 "correct": correct,
                 "_config": config,
             }
@@ -217,6 +236,9 @@ def run(
                 best_config
             )
             configs.save_table(table, table_path)
+            # And the copy in the output directory at once: a sweep stopped at the deadline keeps
+            # its winners there too (the folder that comes back from a GPU machine).
+            configs.save_table(table, out_dir / "tuned_configs.json")
             progress.step(f"{kernel} {key}: {best['config']} {best['ms']:.4f} ms")
         del inputs
     path = writer.flush() or out_dir / "sweep.csv"
@@ -256,6 +278,9 @@ def main(argv=None) -> None:
         max_configs=args.max_configs,
         budget_s=args.budget_s,
     )
+    if not path.exists():  # every case skipped: the budget was spent before the first one
+        print(f"no configuration timed; {path} not written")
+        return
     from bench.plots import plot_sweep
 
     plot_sweep(path, out / "sweep_heatmap.png")

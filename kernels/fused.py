@@ -21,7 +21,8 @@ times "inner" elements:
     NCHW:           outer = N,          a row of a holds Ca * H * W elements
     channels_last:  outer = N * H * W,  a row of a holds Ca elements
 
-and the output row is a's row followed by b's row. Other strides take the composite path.
+and the output row is a's row followed by b's row. Other strides (and an ``add_relu_`` residual
+of another dtype, as under autocast) take the composite path.
 Results are bit-identical to eager PyTorch: ReLU is exact, and x + r is computed in float32
 (float64 for float64) and rounded once, as ATen's ``add`` does for half types.
 """
@@ -36,6 +37,7 @@ runtime.configure_interpreter()  # before triton is imported here (no-op if alre
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT32_LIMIT = 2**31 - 1
@@ -44,6 +46,8 @@ _INT32_LIMIT = 2**31 - 1
 # interpreter larger blocks mean fewer (slow) program instances.
 BLOCK_ELEMENTS = 1024
 NUM_WARPS = 4
+# relu_cat's row length is int32 in the kernel, and so is row + BLOCK_R - 1 (its block count).
+_MAX_ROW = _INT32_LIMIT - BLOCK_ELEMENTS
 
 
 # --------------------------------------------------------------------------------------------
@@ -106,6 +110,9 @@ def _add_relu_kernel(
     tl.store(x_ptr + offs, v.to(x_ptr.dtype.element_ty), mask=mask)
 
 
+INTERPRETED = isinstance(_add_relu_kernel, InterpretedFunction)
+
+
 # --------------------------------------------------------------------------------------------
 # Layout helpers (metadata only: they run on fake tensors too)
 # --------------------------------------------------------------------------------------------
@@ -128,7 +135,9 @@ def relu_cat_memory_format(a: torch.Tensor, b: torch.Tensor) -> torch.memory_for
     return torch.contiguous_format
 
 
-def _check_dtype_device(op: str, first: str, x: torch.Tensor, second: str, y: torch.Tensor):
+def _check_dtype_device(
+    op: str, first: str, x: torch.Tensor, second: str, y: torch.Tensor, same_dtype: bool = True
+):
     for name, t in ((first, x), (second, y)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -137,7 +146,7 @@ def _check_dtype_device(op: str, first: str, x: torch.Tensor, second: str, y: to
                 f"{op}: {name} has dtype {t.dtype}; supported dtypes are "
                 f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}"
             )
-    if x.dtype != y.dtype:
+    if same_dtype and x.dtype != y.dtype:
         raise TypeError(
             f"{op}: {first} and {second} must share one dtype, got {x.dtype}, {y.dtype}"
         )
@@ -161,10 +170,11 @@ def check_relu_cat_inputs(a: torch.Tensor, b: torch.Tensor) -> None:
         )
 
 
-def check_add_relu_inputs(x: torch.Tensor, residual: torch.Tensor) -> None:
+def check_add_relu_inputs(x: torch.Tensor, residual: torch.Tensor, same_dtype: bool = True) -> None:
     """Raise ``TypeError``/``ValueError`` naming the problem if ``add_relu_(x, residual)`` is
-    undefined (no broadcasting: the result is written into x)."""
-    _check_dtype_device("add_relu_", "x", x, "residual", residual)
+    undefined (no broadcasting: the result is written into x). ``same_dtype=False`` lets
+    residual have another floating dtype, as ``x += residual`` does (the custom op allows it)."""
+    _check_dtype_device("add_relu_", "x", x, "residual", residual, same_dtype)
     if x.shape != residual.shape:
         raise ValueError(
             f"add_relu_: x and residual must have one shape, got {tuple(x.shape)} and "
@@ -184,6 +194,16 @@ def _relu_cat_empty(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _device_context(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _check_launchable(op: str, t: torch.Tensor) -> None:
+    """Compiled kernels take CUDA tensors only (Triton would fail reading a CPU pointer)."""
+    runtime.require_runnable(INTERPRETED)
+    if not INTERPRETED and t.device.type != "cuda":
+        raise ValueError(
+            f"{op}: the Triton kernels are compiled for CUDA here, got tensors on {t.device}; "
+            "move them to the GPU, or call the torch.ops.scconv op (ATen ops off CUDA)"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,9 +236,10 @@ def relu_cat_triton(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     else:
         outer, row_a, row_b = n, ca * h * w, cb * h * w
     row = row_a + row_b
-    if row > _INT32_LIMIT:
-        # Row lengths are int32 inside the kernel (one image of 2**31 elements in NCHW).
+    if row > _MAX_ROW:
+        # Row lengths are int32 inside the kernel (one image of ~2**31 elements in NCHW).
         raise ValueError(f"relu_cat_triton: {row} elements per image is too many for the kernel")
+    _check_launchable("relu_cat_triton", a)
     block_r = min(BLOCK_ELEMENTS, triton.next_power_of_2(row))
     block_o = BLOCK_ELEMENTS // block_r
     programs = triton.cdiv(outer, block_o) * triton.cdiv(row, block_r)
@@ -249,6 +270,7 @@ def add_relu_triton_(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     numel = x.numel()
     if numel == 0:
         return x
+    _check_launchable("add_relu_triton_", x)
     with _device_context(x):
         _add_relu_kernel[(triton.cdiv(numel, BLOCK_ELEMENTS),)](
             x,
@@ -288,7 +310,7 @@ def relu_cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``relu(cat([a, b], dim=1))``: Triton on CUDA for dense inputs, ATen ops otherwise."""
     check_relu_cat_inputs(a, b)
     per_image = (a.shape[1] + b.shape[1]) * a.shape[2] * a.shape[3]
-    if a.device.type == "cuda" and dense_layout(a, b) is not None and per_image <= _INT32_LIMIT:
+    if a.device.type == "cuda" and dense_layout(a, b) is not None and per_image <= _MAX_ROW:
         return relu_cat_triton(a, b)
     return relu_cat_composite(a, b)
 
@@ -301,10 +323,17 @@ def _relu_cat_fake(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("scconv::add_relu_", mutates_args=("x",))
 def add_relu_(x: torch.Tensor, residual: torch.Tensor) -> None:
-    """``x <- relu(x + residual)`` in place: Triton on CUDA for dense x with residual's strides,
-    ATen ``add_`` + ``relu_`` otherwise."""
-    check_add_relu_inputs(x, residual)
-    if x.device.type == "cuda" and dense_layout(x) is not None and x.stride() == residual.stride():
+    """``x <- relu(x + residual)`` in place: Triton on CUDA for dense x with residual's strides
+    and dtype, ATen ``add_`` + ``relu_`` otherwise. Like ``x += residual``, residual may have
+    another floating dtype (under autocast a block's input can be float32 while its convolutions
+    give bfloat16); the sum is then rounded to x's dtype."""
+    check_add_relu_inputs(x, residual, same_dtype=False)
+    if (
+        x.device.type == "cuda"
+        and x.dtype == residual.dtype
+        and dense_layout(x) is not None
+        and x.stride() == residual.stride()
+    ):
         add_relu_triton_(x, residual)
     else:
         add_relu_composite_(x, residual)
@@ -312,4 +341,4 @@ def add_relu_(x: torch.Tensor, residual: torch.Tensor) -> None:
 
 @add_relu_.register_fake
 def _add_relu_fake(x: torch.Tensor, residual: torch.Tensor) -> None:
-    check_add_relu_inputs(x, residual)
+    check_add_relu_inputs(x, residual, same_dtype=False)

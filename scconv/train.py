@@ -739,18 +739,20 @@ def _append_metrics(path: str, record: dict) -> None:
         os.fsync(f.fileno())
 
 
-def _rng_state() -> dict:
+def _rng_state(device: torch.device) -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        # The training GPU's generator only: the run may resume on a machine with fewer GPUs
+        # (set_rng_state_all would then index a GPU that is not there) or on another --gpu.
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def _set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def build_model(args: argparse.Namespace) -> nn.Module:
@@ -876,7 +878,7 @@ def _run(args, launch: Launch, rank: int, device: torch.device, checkpoint) -> N
         best_acc1 = float(checkpoint.get("best_acc1", 0.0))
         # The RNG continues exactly only where one process wrote it and one process reads it.
         if "rng" in checkpoint and launch.world_size == 1 == checkpoint.get("world_size", 1):
-            _set_rng_state(checkpoint["rng"])
+            _set_rng_state(checkpoint["rng"], device)
         log(
             f"=> loaded checkpoint '{args.resume}' (epoch {start_epoch}, "
             f"best Acc@1 {best_acc1:.3f})"
@@ -982,7 +984,7 @@ def _run(args, launch: Launch, rank: int, device: torch.device, checkpoint) -> N
                 "scaler": scaler.state_dict(),
                 "amp": args.amp,
                 "world_size": launch.world_size,
-                "rng": _rng_state(),
+                "rng": _rng_state(device),
                 "args": vars(args).copy(),
             }
             save_checkpoint(state, is_best, args.output)

@@ -39,3 +39,16 @@ def _perturb_batchnorm(model: torch.nn.Module, seed: int = 0, residual_scale: fl
 def perturb_batchnorm():
     """``perturb_batchnorm(model, seed=0, residual_scale=0.1)``: see ``_perturb_batchnorm``."""
     return _perturb_batchnorm
+
+
+@pytest.fixture
+def no_tf32():
+    """fp32 convolutions and matmuls in full precision on CUDA for the test: TF32 would round two
+    implementations' (ulp-apart) products differently, far above fp32 tolerances. Not pytest's
+    monkeypatch: pytest 9.2 undoes a setattr on ``torch.backends.cuda.matmul`` (no instance
+    ``__dict__`` entry) with delattr, which that object refuses."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = matmul.allow_tf32, cudnn.allow_tf32
+    matmul.allow_tf32 = cudnn.allow_tf32 = False
+    yield
+    matmul.allow_tf32, cudnn.allow_tf32 = saved

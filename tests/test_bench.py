@@ -6,8 +6,10 @@ on tiny shapes); the GPU-only paths are exercised by bench/gpu.sh on a GPU.
 """
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -73,6 +75,32 @@ def test_time_cpu_quantiles_are_ordered():
     assert len(calls) >= 6  # one warm-up call plus at least min_reps timed ones
     with pytest.raises(ValueError, match="min_reps"):
         common.time_cpu(lambda: None, min_reps=0)
+
+
+def test_time_cuda_calls_do_bench_as_the_installed_triton_defines_it(monkeypatch):
+    # The CUDA timer's call, checked against the installed triton.testing.do_bench's signature
+    # (3.6 on the GPU machine: run this file with it first on PYTHONPATH), without a GPU.
+    import inspect
+
+    import triton.testing
+
+    signature = inspect.signature(triton.testing.do_bench)
+    calls = []
+
+    def do_bench(*args, **kwargs):
+        calls.append(signature.bind(*args, **kwargs).arguments)
+        return [2.0, 1.5, 3.0]  # what do_bench returns for quantiles (0.5, 0.2, 0.8)
+
+    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    timing = common.time_fn(lambda: None, "cuda", warmup_ms=5, rep_ms=20, max_reps=3)
+    assert (timing.ms, timing.ms_p20, timing.ms_p80) == (2.0, 1.5, 3.0)
+    assert timing.timer == common.TIMER_CUDA
+    assert calls[0]["quantiles"] == list(common.QUANTILES)
+    assert (calls[0]["warmup"], calls[0]["rep"]) == (5, 20)
+    # A call slower than rep_ms / min_reps stretches the span to hold min_reps calls.
+    common.time_cuda(lambda: time.sleep(0.01), rep_ms=20, min_reps=10)
+    assert calls[1]["rep"] >= 1.2 * 10 * 10
 
 
 def test_time_fn_refuses_unknown_device():
@@ -267,6 +295,22 @@ def test_gating_torch_compile_provider_runs(tmp_path):
     assert len(frame) == 3 and (frame["provider"] == "torch_compile").all()
 
 
+def test_gating_goes_on_after_a_failing_measurement_then_fails(tmp_path, monkeypatch):
+    real_mode_fn = gating.mode_fn
+
+    def backward_breaks(fn, mode, *tensors):
+        if mode == "backward":
+            raise RuntimeError("compiled backward broke")
+        return real_mode_fn(fn, mode, *tensors)
+
+    monkeypatch.setattr(gating, "mode_fn", backward_breaks)
+    with pytest.raises(RuntimeError, match=r"(?s)1 measurement.*backward broke"):
+        gating.run(tmp_path, device="cpu", providers=("eager",), shapes=gating.TINY_SHAPES,
+                   warmup_ms=0, rep_ms=1)  # fmt: skip
+    frame = pd.read_csv(tmp_path / "gating.csv")
+    assert sorted(frame["mode"]) == ["forward", "forward+backward"]
+
+
 def test_gating_modes_compute_the_reference_gradients():
     x, k2, k3, g = gating.make_inputs(gating.TINY_SHAPES[0], 2, torch.float64, "nchw", "cpu")
     run, _ = gating.mode_fn(sc_gate_reference, "backward", x, k2, k3, g)
@@ -316,6 +360,13 @@ def test_check_passes_the_triton_gate_on_small_shapes():
     assert len(rows) == 8
     failed = [r for r in rows if not r["passed"]]
     assert not failed, failed
+
+
+def test_check_skips_shapes_past_its_budget(tmp_path, capsys):
+    path = check.run(tmp_path, device="cpu", shapes=check.CHECK_SHAPES[:2], budget_s=0)
+    assert path.name == "gating_correctness.csv" and not path.exists()
+    check.main(["--out", str(tmp_path), "--quick", "--budget-s", "0"])
+    assert "nothing checked" in capsys.readouterr().out
 
 
 def test_check_catches_a_wrong_gate():
@@ -378,6 +429,30 @@ def test_sweep_writes_one_winner_per_kernel_and_never_the_kernels_table(tmp_path
     assert plots.plot_sweep(path, tmp_path / "heat.png").stat().st_size > 0
 
 
+def test_sweep_records_a_configuration_the_gpu_cannot_run_and_goes_on(tmp_path, monkeypatch):
+    from triton.runtime.errors import OutOfResources
+
+    import kernels.gate
+
+    first = sweep.config_name(kernels.configs.search_space("forward")[0])
+    real_forward = kernels.gate.gate_forward
+
+    def forward_out_of_shared_memory(x, k2, k3, config=None):
+        if sweep.config_name(config) == first:
+            raise OutOfResources(232448, 227 * 1024, "shared memory")
+        return real_forward(x, k2, k3, config=config)
+
+    monkeypatch.setattr(kernels.gate, "gate_forward", forward_out_of_shared_memory)
+    path = sweep.run(tmp_path, device="cpu", kernels_to_tune=("forward",),
+                     shapes=gating.TINY_SHAPES, batches=(1,), dtypes=("fp32",),
+                     layouts=("nchw",), max_configs=2)  # fmt: skip
+    frame = pd.read_csv(path).set_index("config")
+    assert not frame.loc[first, "correct"] and pd.isna(frame.loc[first, "ms"])
+    assert not frame.loc[first, "winner"]
+    (winner,) = frame.index[frame["winner"]]
+    assert winner != first and frame.loc[winner, "correct"]
+
+
 def test_sweep_cases_are_deduplicated_by_table_key():
     shapes = (gating.GATING_SHAPES[0], gating.GATING_SHAPES[0])
     cases = list(sweep.cases(shapes, (4,), ("bf16",), ("nchw", "channels_last")))
@@ -418,6 +493,25 @@ def test_plan_cases_puts_the_headline_first_and_follows_the_regime_dict(monkeypa
     cases = models.plan_cases(("resnet50",), ("eager",), ("optimized",), models.TASKS,
                               ("fp32",), ("nchw",), (2,), 128)  # fmt: skip
     assert [(c.regime, c.task) for c in cases] == [("optimized", "inference")]
+
+
+@NO_CUDA
+def test_models_go_on_after_a_failing_case_then_fail(tmp_path, monkeypatch, one_thread):
+    monkeypatch.setattr(models, "build_model", _tiny_model)
+    real_measure = models.measure
+
+    def scnet_breaks(case, *args):
+        if case.model == "scnet50":
+            raise RuntimeError("Inductor could not compile it")
+        return real_measure(case, *args)
+
+    monkeypatch.setattr(models, "measure", scnet_breaks)
+    monkeypatch.setattr(models, "_write_op_counts", lambda *args: None)
+    with pytest.raises(RuntimeError, match=r"(?s)1 measurement\(s\) failed.*scnet50.*Inductor"):
+        models.run(tmp_path, device="cpu", models=("scnet50", "resnet50"), regimes=("eager",),
+                   tasks=("inference",), batches=(2,), image_size=64, rep_ms=1,
+                   breakdown=False)  # fmt: skip
+    assert pd.read_csv(tmp_path / "models.csv")["model"].tolist() == ["resnet50"]
 
 
 def test_ratio_columns_divide_by_the_matching_resnet():
@@ -475,7 +569,8 @@ def test_breakdown_attributes_gating_cat_and_backward_by_sequence_number(one_thr
             assert r["n_ops"] == 0 and r["time_ms"] == 0, r
 
 
-def _event(name, children=(), seq=-1, device_us=0.0, cpu_us=0.0, device_type=None):
+def _event(name, children=(), seq=-1, device_us=0.0, cpu_us=0.0, device_type=None,
+           annotation=False):  # fmt: skip
     from types import SimpleNamespace
 
     event = SimpleNamespace(
@@ -483,29 +578,43 @@ def _event(name, children=(), seq=-1, device_us=0.0, cpu_us=0.0, device_type=Non
         self_device_time_total=device_us, self_cpu_time_total=cpu_us,
         device_type=device_type or torch.autograd.DeviceType.CPU,
         time_range=SimpleNamespace(elapsed_us=lambda: device_us),
+        is_user_annotation=annotation,
     )  # fmt: skip
     for child in event.cpu_children:
         child.cpu_parent = event
     return event
 
 
-def test_categorize_events_on_gpu_profiles_counts_kernel_time_once():
+@pytest.mark.parametrize("annotated", [False, True])
+def test_categorize_events_on_gpu_profiles_counts_kernel_time_once(annotated):
     # A GPU-shaped profile: CPU ops with their kernels' self time, kernel events as roots.
     conv = _event("aten::conv2d", [_event("aten::cudnn_convolution", device_us=5.0)], seq=1)
     sigmoid = _event("aten::sigmoid", seq=2, device_us=3.0)
     residual = _event("aten::add_", seq=3, device_us=1.0)
-    forward = _event(models.FORWARD_RANGE, [conv, _event(models.SCCONV_RANGE, [sigmoid]),
-                                            residual])  # fmt: skip
+    scconv_range = _event(models.SCCONV_RANGE, [sigmoid])
+    forward = _event(models.FORWARD_RANGE, [conv, scconv_range, residual])
     sigmoid_backward = _event(
         "autograd::engine::evaluate_function: SigmoidBackward0",
         [_event("SigmoidBackward0", [_event("aten::sigmoid_backward", device_us=2.0)])],
         seq=2,
     )
     add_backward = _event("autograd::engine::evaluate_function: AddBackward0", seq=3)
+    cuda = torch.autograd.DeviceType.CUDA
     kernels = [
-        _event(f"kernel{i}", device_us=us, device_type=torch.autograd.DeviceType.CUDA)
+        _event(f"kernel{i}", device_us=us, device_type=cuda)
         for i, us in enumerate((5.0, 3.0, 1.0, 2.0, 4.0))  # 4 us launched outside any op
     ]
+    if annotated:
+        # With CUDA activities each record_function range also appears on the GPU timeline
+        # (gpu_user_annotation), spanning its kernels, and may be tied to its CPU range as if
+        # it were a kernel of its own: none of that is more GPU work.
+        kernels += [
+            _event(models.FORWARD_RANGE, device_us=9.0, device_type=cuda, annotation=True),
+            _event(models.SCCONV_RANGE, device_us=3.0, device_type=cuda, annotation=True),
+            _event(models.BACKWARD_RANGE, device_us=2.0, device_type=cuda, annotation=True),
+        ]
+        forward.self_device_time_total = 9.0
+        scconv_range.self_device_time_total = 3.0
     events = [forward, *forward.cpu_children, conv, *conv.cpu_children, sigmoid,
               sigmoid_backward, add_backward, *kernels]  # fmt: skip
     rows = {(r["pass"], r["category"]): r for r in models.categorize_events(events, True)}
@@ -590,6 +699,90 @@ def test_summary_reports_the_whole_network_gating_and_ratios(tmp_path):
     assert "3.00x vs eager" in text
     assert "scnet50 [eager]" in text and "1.20" in text
     assert "no results found" in summary.summarize(tmp_path / "empty")
+
+
+# --------------------------------------------------------------------------------------------
+# stopping a stage: SIGTERM keeps the rows, python -m bench's deadline
+
+# A stage that writes rows through a ResultWriter that would not flush them for an hour, then
+# hangs (or, with --stubborn, also ignores SIGTERM).
+_SLOW_STAGE = """
+import signal, sys, time
+from pathlib import Path
+from bench.common import ResultWriter
+
+out = Path(sys.argv[sys.argv.index("--out") + 1])
+writer = ResultWriter(out / "slow.csv", {"note": "test"}, every_s=3600)
+for i in range(3):
+    writer.add({"i": i})  # the first add writes the file, the others wait for the next flush
+if "--stubborn" in sys.argv:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print("rows added", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.fixture
+def slow_stage(tmp_path, monkeypatch):
+    """The module name of ``_SLOW_STAGE``, importable by stage processes (via $PYTHONPATH)."""
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    (modules / "slow_stage.py").write_text(_SLOW_STAGE)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), str(modules)]))
+    return "slow_stage"
+
+
+def test_sigterm_writes_the_rows_a_stage_holds(tmp_path, slow_stage):
+    process = subprocess.Popen([sys.executable, "-m", slow_stage, "--out", str(tmp_path)],
+                               stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert process.stdout.readline().strip() == "rows added"
+        assert len(pd.read_csv(tmp_path / "slow.csv")) == 1  # only the first add was written
+        process.terminate()
+        assert process.wait(timeout=60) == -signal.SIGTERM  # it still dies of the signal
+    finally:
+        process.kill()
+    assert pd.read_csv(tmp_path / "slow.csv")["i"].tolist() == [0, 1, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["modules", "slow.csv"]  # no temp file
+
+
+def test_deadline_stops_a_stage_and_still_prints_the_summary_last(
+    tmp_path, slow_stage, monkeypatch, capfd
+):
+    from bench import __main__ as orchestrator
+
+    out = tmp_path / "out"
+    stages = [orchestrator.Stage("slow", [slow_stage, "--out", str(out)]),
+              orchestrator.Stage("after", [slow_stage, "--out", str(out)])]  # fmt: skip
+    monkeypatch.setattr(orchestrator, "plan", lambda *args: stages)
+    # 12 s: ample time for the stage to import torch and add its rows before the stop.
+    status = orchestrator.main(["--out", str(out), "--deadline-s", "12"])
+    captured = capfd.readouterr()
+    assert status == 0, captured.err[-3000:]  # stopped at the deadline is not a failure
+    lines = captured.out.strip().splitlines()
+    assert any("scconv benchmark summary" in line for line in lines)
+    assert lines[-1].startswith("total wall time")  # the summary is printed last
+    assert "STOPPED at the deadline (12s): slow (the rows" in captured.out
+    assert "not run (deadline passed): after" in captured.out
+    assert "FAILED" not in captured.out
+    assert "stage slow stopped at the deadline" in captured.err
+    # The rows the stage held when it was stopped were written, whole.
+    assert pd.read_csv(out / "slow.csv")["i"].tolist() == [0, 1, 2]
+    assert not list(out.glob(".*.tmp"))
+    assert (out / "summary.txt").read_text().strip().splitlines()[-1] == lines[-1]
+
+
+def test_a_stage_that_ignores_sigterm_is_killed(tmp_path, slow_stage, monkeypatch, capfd):
+    from bench import __main__ as orchestrator
+
+    monkeypatch.setattr(orchestrator, "STOP_GRACE_S", 1.0)
+    stage = orchestrator.Stage("stubborn", [slow_stage, "--out", str(tmp_path), "--stubborn"])
+    start = time.monotonic()
+    status, _ = orchestrator.run_stage(stage, tmp_path, dict(os.environ), None, start + 8)
+    assert status == orchestrator.STOPPED
+    assert "still running 1s after SIGTERM: SIGKILL" in capfd.readouterr().err
+    # Killed, so only the rows the writer had flushed itself are there.
+    assert pd.read_csv(tmp_path / "slow.csv")["i"].tolist() == [0]
 
 
 # --------------------------------------------------------------------------------------------

@@ -83,10 +83,7 @@ def test_scnet50_torch_compile_fullgraph_matches(perturb_batchnorm):
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-def test_scnet50_cuda_batch_matches(perturb_batchnorm, memory_format, monkeypatch):
-    # TF32 convolutions would round the two models' (ulp-apart) activations differently.
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+def test_scnet50_cuda_batch_matches(perturb_batchnorm, memory_format, no_tf32):
     eager, triton_model = _pair(perturb_batchnorm)
     eager = eager.to(memory_format=memory_format)
     triton_model = triton_model.to(memory_format=memory_format)

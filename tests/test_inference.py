@@ -1,7 +1,10 @@
 """Inference fast path: optimize_for_inference, the fused kernels of kernels/fused.py, the op
 counter of bench/opcount.py.
 
-Whole networks run at 128x128 (SCNets need >= 97 px); SCNet-101 variants are marked slow.
+Whole networks run at 128x128 (SCNets need >= 97 px); SCNet-101 variants are marked slow. Tests
+that launch Triton kernels use DEVICE: the GPU where there is one (compiled kernels, which take
+CUDA tensors only), else the CPU through Triton's interpreter. Tests marked ``cuda`` check the
+CUDA dispatch of the optimized models and are skipped without a GPU.
 """
 
 import copy
@@ -25,6 +28,9 @@ from scconv.inference import (
 
 RTOL = 1e-5  # the issue's bound for fp32 optimized vs original outputs
 SLOW_SCNETS = ["scnet101", "scnet101_v1d"]
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (compiled Triton kernels)")
 
 
 @pytest.fixture(scope="module")
@@ -161,12 +167,12 @@ def test_fold_batchnorm_single_layer_and_errors():
 
 
 @pytest.mark.parametrize("stride, avd", [(1, False), (2, False), (2, True)])
-def test_fused_sc_bottleneck_eager_and_triton_gate(stride, avd, perturb_batchnorm):
+def test_fused_sc_bottleneck_eager_and_triton_gate(stride, avd, perturb_batchnorm, no_tf32):
     """One block at an odd size, eager gate and the Triton gate (interpreter on CPU)."""
-    block = _sc_block(perturb_batchnorm, stride=stride, avd=avd, inplanes=32)
+    block = _sc_block(perturb_batchnorm, stride=stride, avd=avd, inplanes=32).to(DEVICE)
     optimized = optimize_for_inference(block)
     assert type(optimized) is FusedSCBottleneck and optimized.split_sizes == [8, 8]
-    x = torch.randn(2, 32, 13, 11)
+    x = torch.randn(2, 32, 13, 11, device=DEVICE)
     with torch.no_grad():
         ref = block(x)
         assert _relative_error(optimized(x), ref) <= RTOL
@@ -177,10 +183,11 @@ def test_fused_sc_bottleneck_eager_and_triton_gate(stride, avd, perturb_batchnor
 @pytest.mark.parametrize("batch", [1, 2])
 def test_gate_input_reaches_the_gate_without_a_copy(batch, perturb_batchnorm, monkeypatch):
     """The gating's x is the projection output itself: at batch 1 a dense channel slice of the
-    merged conv1's output, at batch 2 conv1_b's output (a slice would be strided there)."""
+    merged conv1's output, at batch 2 conv1_b's output (a slice would be strided there). On
+    DEVICE: with a GPU, cuDNN's output layout decides it."""
     import scconv.modules
 
-    block = optimize_for_inference(_sc_block(perturb_batchnorm))
+    block = optimize_for_inference(_sc_block(perturb_batchnorm)).to(DEVICE)
     seen = {}
     block.conv1.register_forward_hook(lambda m, i, out: seen.update(merged=out))
     block.conv1_b.register_forward_hook(lambda m, i, out: seen.update(half=out))
@@ -192,7 +199,7 @@ def test_gate_input_reaches_the_gate_without_a_copy(batch, perturb_batchnorm, mo
 
     monkeypatch.setattr(scconv.modules, "sc_gate", recording_gate)
     with torch.no_grad():
-        block(torch.randn(batch, 64, 12, 12))
+        block(torch.randn(batch, 64, 12, 12, device=DEVICE))
     x = seen["x"]
     assert x.is_contiguous()  # k2's pool, k3 and the gate all read it as it lies
     if batch == 1:
@@ -324,8 +331,8 @@ LAYOUTS = [torch.contiguous_format, torch.channels_last]
 @pytest.mark.parametrize("shape_a, channels_b", [((2, 5, 7, 9), 3), ((1, 16, 4, 4), 16)])
 def test_relu_cat_triton_matches_eager(dtype, layout, shape_a, channels_b):
     torch.manual_seed(0)
-    a = torch.randn(shape_a, dtype=dtype).contiguous(memory_format=layout)
-    b = torch.randn(shape_a[0], channels_b, *shape_a[2:], dtype=dtype)
+    a = torch.randn(shape_a, dtype=dtype).to(DEVICE).contiguous(memory_format=layout)
+    b = torch.randn(shape_a[0], channels_b, *shape_a[2:], dtype=dtype).to(DEVICE)
     b = b.contiguous(memory_format=layout)
     a[0, 1, 2, 3] = float("nan")
     expected = torch.relu(torch.cat([a, b], dim=1))
@@ -339,7 +346,7 @@ def test_relu_cat_triton_matches_eager(dtype, layout, shape_a, channels_b):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_add_relu_triton_matches_eager(dtype, layout):
     torch.manual_seed(0)
-    x = torch.randn(2, 6, 5, 3, dtype=dtype).contiguous(memory_format=layout)
+    x = torch.randn(2, 6, 5, 3, dtype=dtype).to(DEVICE).contiguous(memory_format=layout)
     residual = torch.randn_like(x)
     expected = torch.relu(x + residual)
     out = x.clone()
@@ -355,11 +362,11 @@ def test_add_relu_triton_matches_eager(dtype, layout):
 
 def test_fused_ops_take_any_strides_through_the_composite_path():
     torch.manual_seed(0)
-    wide = torch.randn(2, 10, 6, 7)
+    wide = torch.randn(2, 10, 6, 7, device=DEVICE)
     a, b = wide[:, :4], wide[:, 4:]  # channel slices: dense in no format
     out = torch.ops.scconv.relu_cat(a, b)
     torch.testing.assert_close(out, torch.relu(torch.cat([a, b], 1)), rtol=0, atol=0)
-    x = torch.randn(2, 4, 6, 7)
+    x = torch.randn(2, 4, 6, 7, device=DEVICE)
     residual = wide[:, :4]
     expected = torch.relu(x + residual)
     torch.ops.scconv.add_relu_(x, residual)
@@ -380,16 +387,60 @@ def test_fused_ops_reject_bad_input():
         torch.ops.scconv.relu_cat(a.int(), a.int())
     with pytest.raises(ValueError, match="must have one shape"):
         torch.ops.scconv.add_relu_(a, torch.randn(1, 3, 4, 5))
+    with pytest.raises(TypeError, match="share one dtype"):  # the launcher has no promotion
+        fused.add_relu_triton_(a, a.double())
+
+
+def test_add_relu_takes_a_residual_of_another_dtype(perturb_batchnorm):
+    """As ``out += residual`` does: under autocast an optimized block (or nn.Sequential of
+    blocks) fed float32 adds that float32 input to its bfloat16 conv3 output."""
+    x = torch.randn(2, 3, 4, 5, dtype=torch.bfloat16, device=DEVICE)
+    residual = torch.randn(2, 3, 4, 5, device=DEVICE)
+    expected = x.clone().add_(residual).relu_()
+    torch.ops.scconv.add_relu_(x, residual)
+    torch.testing.assert_close(x, expected, rtol=0, atol=0)
+
+    block = _sc_block(perturb_batchnorm)
+    optimized = optimize_for_inference(block)
+    images = torch.randn(2, 64, 12, 12)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, out = block(images), optimized(images)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert _relative_error(out.float(), ref.float()) <= 3e-2  # bf16 roundings, as in the block test
+
+
+def test_launchers_refuse_cpu_tensors_when_compiled(monkeypatch):
+    """Compiled kernels (a GPU machine) name the problem instead of Triton's pointer error."""
+    from kernels import runtime
+
+    monkeypatch.setattr(fused, "INTERPRETED", False)
+    monkeypatch.setattr(runtime, "cuda_present", lambda: True)
+    a = torch.randn(1, 2, 3, 3)
+    with pytest.raises(ValueError, match="compiled for CUDA here, got tensors on cpu"):
+        fused.relu_cat_triton(a, a)
+    with pytest.raises(ValueError, match="compiled for CUDA here, got tensors on cpu"):
+        fused.add_relu_triton_(a, a)
+
+
+def test_relu_cat_refuses_rows_near_the_int32_limit():
+    """The kernel's row block count, row + BLOCK_R - 1, must not wrap past 2**31 - 1."""
+    with torch.device("meta"):
+        a = torch.empty(1, 1, 1, 2**30 - 50)  # a row of 2**31 - 100 elements with b
+    with pytest.raises(ValueError, match="elements per image is too many"):
+        fused.relu_cat_triton(a, a)
 
 
 @pytest.mark.parametrize(
-    "op, args",
+    "op, shapes, dtypes",
     [
-        (torch.ops.scconv.relu_cat.default, (torch.randn(2, 3, 4, 5), torch.randn(2, 2, 4, 5))),
-        (torch.ops.scconv.add_relu_.default, (torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5))),
+        (torch.ops.scconv.relu_cat.default, [(2, 3, 4, 5), (2, 2, 4, 5)], [torch.float32] * 2),
+        (torch.ops.scconv.add_relu_.default, [(2, 3, 4, 5)] * 2, [torch.float32] * 2),
+        (torch.ops.scconv.add_relu_.default, [(2, 3, 4, 5)] * 2, [torch.bfloat16, torch.float32]),
     ],
 )
-def test_fused_custom_ops_pass_opcheck(op, args):
+def test_fused_custom_ops_pass_opcheck(op, shapes, dtypes):
+    """On DEVICE: with a GPU this checks the Triton path against the fake implementations."""
+    args = [torch.randn(s, dtype=d, device=DEVICE) for s, d in zip(shapes, dtypes, strict=True)]
     torch.library.opcheck(op, args)
 
 
@@ -519,3 +570,100 @@ def test_no_hidden_copies_at_batch_2(name, pair):
             block.conv1_a = block.conv1_b = None  # the separate path must not run
             block._halves_are_dense = lambda x: True  # forces the merged path
     assert _clones_per_forward(strided, x) >= before + 16 * 3
+
+
+# --- CUDA: the optimized models and fused ops as a GPU runs them ---------------------------------
+
+
+def _count_triton_launches(monkeypatch) -> dict:
+    """Count the fused ops' Triton launches (the custom ops call the launchers by name)."""
+    launches = {"relu_cat": 0, "add_relu_": 0}
+
+    def counting(key, real):
+        def launch(*args):
+            launches[key] += 1
+            return real(*args)
+
+        return launch
+
+    for key, name in (("relu_cat", "relu_cat_triton"), ("add_relu_", "add_relu_triton_")):
+        monkeypatch.setattr(fused, name, counting(key, getattr(fused, name)))
+    return launches
+
+
+def _cuda_scnet50(perturb, memory_format):
+    torch.manual_seed(0)
+    model = perturb(scconv.scnet50(gate="triton", num_classes=10)).eval().cuda()
+    return model.to(memory_format=memory_format)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("memory_format", LAYOUTS)
+@pytest.mark.parametrize("batch", [1, 8])
+def test_cuda_optimized_scnet50_matches(
+    batch, memory_format, perturb_batchnorm, no_tf32, monkeypatch
+):
+    """Triton gate and Triton fused ops in every block; batch 1 NCHW runs the merged conv1."""
+    model = _cuda_scnet50(perturb_batchnorm, memory_format)
+    optimized = optimize_for_inference(model)
+    launches = _count_triton_launches(monkeypatch)
+    images = torch.randn(batch, 3, 224, 224, device="cuda").contiguous(memory_format=memory_format)
+    with torch.inference_mode():
+        ref, out = model(images), optimized(images)
+    assert launches == {"relu_cat": 16, "add_relu_": 16}
+    assert _relative_error(out, ref) <= 10 * RTOL  # cuDNN picks other algorithms per weight
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_cuda_bf16_autocast_channels_last(perturb_batchnorm, monkeypatch):
+    """Under autocast every block's input and output are bfloat16: all fused ops run Triton."""
+    model = _cuda_scnet50(perturb_batchnorm, torch.channels_last)
+    optimized = optimize_for_inference(model)
+    launches = _count_triton_launches(monkeypatch)
+    images = torch.randn(8, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        ref = model(images)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = optimized(images)
+    assert out.dtype == torch.bfloat16
+    assert launches == {"relu_cat": 16, "add_relu_": 16}
+    assert _relative_error(out.float(), ref) <= 3e-2  # bf16 roundings (measured 0.7 % on a CPU)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("layout", LAYOUTS)
+# SCNet-50 at batch 256, 224 px: (channels of each relu_cat half, size, block output channels)
+# of layer1 and layer4; the largest tensor holds 205 M elements.
+@pytest.mark.parametrize("half, size, channels", [(32, 56, 256), (256, 7, 2048)])
+def test_cuda_fused_ops_at_batch_256(half, size, channels, layout):
+    a, b = (
+        torch.randn(256, half, size, size, device="cuda", dtype=torch.bfloat16).contiguous(
+            memory_format=layout
+        )
+        for _ in range(2)
+    )
+    expected = torch.relu(torch.cat([a, b], dim=1))
+    torch.testing.assert_close(torch.ops.scconv.relu_cat(a, b), expected, rtol=0, atol=0)
+    x = torch.randn(256, channels, size, size, device="cuda", dtype=torch.bfloat16)
+    x, residual = x.contiguous(memory_format=layout), torch.randn_like(x)
+    residual = residual.contiguous(memory_format=layout)
+    expected = torch.relu(x + residual)
+    torch.ops.scconv.add_relu_(x, residual)
+    torch.testing.assert_close(x, expected, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_cuda_fused_ops_on_a_second_gpu():
+    """Tensors on cuda:1 while cuda:0 is current: the kernels launch on the tensors' GPU."""
+    a, b, residual = (torch.randn(2, 4, 8, 8, device="cuda:1") for _ in range(3))
+    assert torch.cuda.current_device() == 0
+    out = torch.ops.scconv.relu_cat(a, b)
+    torch.testing.assert_close(out, torch.relu(torch.cat([a, b], dim=1)), rtol=0, atol=0)
+    x = out[:, :4].contiguous()
+    expected = torch.relu(x + residual)
+    torch.ops.scconv.add_relu_(x, residual)
+    torch.testing.assert_close(x, expected, rtol=0, atol=0)

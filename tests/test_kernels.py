@@ -1,8 +1,9 @@
 """Tests of the fused Triton gating kernels (kernels/), against the one eager reference.
 
 Without a GPU everything runs through Triton's interpreter (about 7 ms per program instance), so
-tensors are tiny: N * C is at most 6 and planes at most 82 px. Tests marked ``cuda`` run the
-compiled kernels and are skipped without a GPU.
+tensors are tiny: N * C is at most 6 and planes at most 82 px. With a GPU the same tests run the
+compiled kernels on CUDA tensors (``DEVICE``), and the tests marked ``cuda`` (SCNet-size shapes,
+autotuning, the tuned table) run too; without one those are skipped.
 """
 
 import json
@@ -26,6 +27,8 @@ from kernels.reference import nearest_source_index, sc_gate_reference
 
 REPO = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
+# Where the kernels run: with CUDA they are compiled and take CUDA tensors only.
+DEVICE = "cuda" if CUDA else "cpu"
 requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (compiled Triton kernels)")
 
 # (atol, rtol) of the kernels against a float64 evaluation of the reference on the same (rounded)
@@ -41,7 +44,8 @@ TOLERANCES = {
 
 
 def make_tensor(shape, dtype, layout, generator):
-    """A random tensor of ``shape`` in ``layout`` ("contiguous", "channels_last" or "slice").
+    """A random tensor of ``shape`` on ``DEVICE`` in ``layout`` ("contiguous", "channels_last" or
+    "slice"); drawn on the CPU, so the values do not depend on the device.
 
     "slice" is the channel-slice view ``t[:, 1:1 + C]`` of a larger contiguous tensor, the way
     SCBottleneck hands half of a projection to the gate; "slice_cl" is the same of channels_last.
@@ -51,8 +55,8 @@ def make_tensor(shape, dtype, layout, generator):
         full = torch.randn((n, c + 3, h, w), generator=generator, dtype=torch.float64)
         if layout == "slice_cl":
             full = full.contiguous(memory_format=torch.channels_last)
-        return full.to(dtype)[:, 1 : 1 + c]
-    t = torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
+        return full.to(DEVICE, dtype)[:, 1 : 1 + c]
+    t = torch.randn(shape, generator=generator, dtype=torch.float64).to(DEVICE, dtype)
     if layout == "channels_last":
         t = t.contiguous(memory_format=torch.channels_last)
     return t
@@ -161,7 +165,7 @@ def test_output_keeps_memory_format():
 
 def test_mixed_layouts_and_expanded_grad():
     x, k2, k3, _ = make_inputs(2, 3, 13, 11, 3, 2, layout=("channels_last", "slice", "contiguous"))
-    grad = torch.randn(1, 1, 1, 1, dtype=torch.float64).float().expand(2, 3, 13, 11)  # stride 0
+    grad = torch.randn(1, 1, 1, 1, device=DEVICE).expand(2, 3, 13, 11)  # stride 0
     check_against_reference(x, k2, k3, grad)
 
 
@@ -275,10 +279,10 @@ def test_footprint_starts_match_interpolate_for_all_small_sizes():
 @pytest.mark.parametrize(("big", "small", "row", "source_row"), [(74, 24, 37, 11), (82, 16, 41, 7)])
 def test_design_note_rows_map_like_pytorch(big, small, row, source_row):
     """DESIGN.md's cases where integer arithmetic is wrong: one-hot k2 rows locate the source."""
-    k2 = torch.zeros(1, small, small, 1)
+    k2 = torch.zeros(1, small, small, 1, device=DEVICE)
     k2[0, torch.arange(small), torch.arange(small), 0] = 50.0  # channel c lights k2 row c
-    x = torch.zeros(1, small, big, 1)
-    k3 = torch.ones(1, small, big, 1)
+    x = torch.zeros(1, small, big, 1, device=DEVICE)
+    k3 = torch.ones(1, small, big, 1, device=DEVICE)
     out = gate.gate_forward(x, k2, k3)
     lit = out[0, :, row, 0] > 0.99  # sigmoid(50) vs sigmoid(0)
     assert lit.nonzero().view(-1).tolist() == [source_row]
@@ -390,7 +394,8 @@ def test_bad_inputs_raise(case, entry):
     x_shape, k2_shape, k3_shape, dtypes, exception, words = case
     dtypes = dtypes or (torch.float32,) * 3
     x, k2, k3 = (
-        torch.ones(s).to(d) for s, d in zip((x_shape, k2_shape, k3_shape), dtypes, strict=True)
+        torch.ones(s, device=DEVICE, dtype=d)
+        for s, d in zip((x_shape, k2_shape, k3_shape), dtypes, strict=True)
     )
     with pytest.raises(exception) as info:
         if entry == "sc_gate":
@@ -429,7 +434,7 @@ def test_mixed_devices_raise_on_meta():
 def test_bad_grad_out_raises():
     x, k2, k3, _ = make_inputs(1, 2, 8, 8, 2, 2)
     with pytest.raises(ValueError, match=r"\(1, 2, 8, 7\)"):
-        gate.gate_backward(torch.ones(1, 2, 8, 7), x, k2, k3)
+        gate.gate_backward(torch.ones(1, 2, 8, 7, device=DEVICE), x, k2, k3)
 
 
 def test_backward_rejects_sizes_past_exact_footprints():

@@ -434,6 +434,54 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth", "model_best.pth"]
 
 
+class FakeCudaRng:
+    """torch.cuda's generator functions on a machine with ``count`` GPUs; indexing a GPU that
+    is not there raises, as torch.cuda.default_generators[index] does."""
+
+    def __init__(self, count: int):
+        self.states = [torch.tensor([i], dtype=torch.uint8) for i in range(count)]
+
+    def _index(self, device) -> int:
+        index = device if isinstance(device, int) else torch.device(device).index
+        return 0 if index is None else index
+
+    def get_rng_state(self, device="cuda"):
+        return self.states[self._index(device)].clone()
+
+    def set_rng_state(self, state, device="cuda"):
+        self.states[self._index(device)] = state.clone()
+
+    def get_rng_state_all(self):
+        return [s.clone() for s in self.states]
+
+    def set_rng_state_all(self, states):
+        for i, state in enumerate(states):
+            self.set_rng_state(state, i)
+
+    def install(self, monkeypatch) -> "FakeCudaRng":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: len(self.states))
+        for name in ("get_rng_state", "set_rng_state", "get_rng_state_all", "set_rng_state_all"):
+            monkeypatch.setattr(torch.cuda, name, getattr(self, name))
+        return self
+
+
+def test_rng_state_resumes_on_a_machine_with_fewer_gpus(monkeypatch):
+    """A single-process run on GPU 3 of an 8-GPU node resumes on a 1-GPU machine: the training
+    GPU's generator continues on the new GPU 0, and no missing GPU is indexed."""
+    node = FakeCudaRng(8).install(monkeypatch)
+    node.states[3] = torch.tensor([33], dtype=torch.uint8)
+    saved = train._rng_state(torch.device("cuda", 3))
+    laptop = FakeCudaRng(1).install(monkeypatch)
+    train._set_rng_state(saved, torch.device("cuda", 0))
+    assert laptop.states[0].tolist() == [33]
+    # CPU runs neither write nor read a CUDA state.
+    assert "cuda" not in train._rng_state(torch.device("cpu"))
+    laptop.states[0] = torch.tensor([7], dtype=torch.uint8)
+    train._set_rng_state(saved, torch.device("cpu"))
+    assert laptop.states[0].tolist() == [7]
+
+
 # ---------------------------------------------------------------------------------------------
 # Real runs
 
