@@ -25,11 +25,13 @@ stage. A stopped stage is not a failure: the exit status stays 0 unless a stage 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +45,17 @@ class Stage:
     args: list[str]  # arguments after ``python -m``
     share: float = 0.0  # fraction of the budget left that this stage may use (0: no budget)
     capture: str | None = None  # file in the output directory that receives stdout
+
+
+# The files each stage writes in the output directory (besides ``capture``; PNGs are drawn from
+# these CSVs by bench.plots.PLOTS).
+OUTPUTS = {
+    "check": ("gating_correctness.csv",),
+    "sweep": ("sweep.csv", "tuned_configs.json"),
+    "gating": ("gating.csv", "bandwidth.csv"),
+    "models": ("models.csv", "models_skipped.csv", "breakdown.csv", "aten_ops.csv",
+               "model_summary.csv"),
+}  # fmt: skip
 
 
 def plan(out: Path, gpu: bool, dry_run: bool) -> list[Stage]:
@@ -134,18 +147,53 @@ def _signal_group(process: subprocess.Popen, signum: int) -> None:
 
 def _stop(process: subprocess.Popen, name: str, reason: str) -> str | None:
     """Stop a running stage: SIGTERM, then SIGKILL after ``STOP_GRACE_S``; returns its stdout."""
+    _signal_group(process, signal.SIGTERM)  # first: the log line below may go nowhere
     log(f"=== bench: stage {name}: {reason}, stopping it (SIGTERM)")
-    _signal_group(process, signal.SIGTERM)
     try:
         stdout, _ = process.communicate(timeout=STOP_GRACE_S)
     except subprocess.TimeoutExpired:
         log(f"=== bench: stage {name} still running {STOP_GRACE_S:.0f}s after SIGTERM: SIGKILL")
         _signal_group(process, signal.SIGKILL)
         stdout, _ = process.communicate()
-    # Leftover workers (e.g. torch.compile's) must not outlive the stage: they would keep the
-    # log pipe of bench/gpu.sh open.
-    _signal_group(process, signal.SIGKILL)
+    finally:
+        # Also after a second Ctrl-C during the grace period; and leftover workers (e.g.
+        # torch.compile's) must not outlive the stage: they would keep gpu.sh's log pipe open.
+        _signal_group(process, signal.SIGKILL)
     return stdout
+
+
+@contextlib.contextmanager
+def _exit_on_termination():
+    """SIGTERM and SIGHUP (a timeout, a closed terminal) end the orchestrator with SystemExit
+    instead of killing it outright, so that ``run_stage`` stops the running stage, which sits in
+    a session of its own and did not get the signal. The previous handlers come back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _remove_earlier_outputs(stages: list[Stage], out: Path) -> None:
+    """Delete the files the planned stages write, where an earlier run left them in ``out``: a
+    stage that fails, is stopped or is not reached must not leave an older run's numbers to be
+    plotted and summarised as this run's. Stages left out with ``--skip`` keep theirs."""
+    from bench.plots import PLOTS
+
+    for stage in stages:
+        outputs = OUTPUTS.get(stage.name, ())
+        names = [*outputs, *([stage.capture] if stage.capture else [])]
+        names += [png for name in outputs for png, _ in PLOTS.get(name, ())]
+        for name in names:
+            (out / name).unlink(missing_ok=True)
 
 
 def run_stage(
@@ -260,26 +308,29 @@ def main(argv=None) -> int:
         + (f"; deadline {args.deadline_s:.0f}s" if deadline is not None else "")
     )
     failed, stopped, not_run = [], [], []
-    for stage in stages:
-        now = time.monotonic()
-        if deadline is not None and now >= deadline:
-            not_run.append(stage.name)
-            log(f"=== bench: stage {stage.name} not run: the deadline has passed")
-            continue
-        stage_budget = None
-        if budget_s is not None and stage.share:
-            left = budget_s - (now - start)
-            stage_budget = max(left * stage.share, 0.0)
-            if deadline is not None:  # a budget past the deadline would only get it stopped
-                stage_budget = min(stage_budget, deadline - now)
-        status, _ = run_stage(stage, out, env, stage_budget, deadline)
-        if status == FAILED:
-            failed.append(stage.name)
-        elif status == STOPPED:
-            stopped.append(stage.name)
-            # A stage killed while writing leaves its temporary file (the CSV itself is whole).
-            for temporary in out.glob(".*.tmp"):
-                temporary.unlink(missing_ok=True)
+    _remove_earlier_outputs(stages, out)
+    with _exit_on_termination():
+        for stage in stages:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                not_run.append(stage.name)
+                log(f"=== bench: stage {stage.name} not run: the deadline has passed")
+                continue
+            stage_budget = None
+            if budget_s is not None and stage.share:
+                left = budget_s - (now - start)
+                stage_budget = max(left * stage.share, 0.0)
+                if deadline is not None:  # a budget past the deadline would only get it stopped
+                    stage_budget = min(stage_budget, deadline - now)
+            status, _ = run_stage(stage, out, env, stage_budget, deadline)
+            if status == FAILED:
+                failed.append(stage.name)
+            elif status == STOPPED:
+                stopped.append(stage.name)
+                # A stage killed while writing leaves its temporary file (the file is whole).
+                for folder in (out, REPO_ROOT / "kernels"):  # (the tuned table is in kernels/)
+                    for temporary in folder.glob(".*.tmp"):
+                        temporary.unlink(missing_ok=True)
 
     from bench.plots import plot_all
     from bench.summary import summarize

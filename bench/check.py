@@ -140,7 +140,7 @@ def run(
                 for row in check_case(shape, batch, dtype, layout, device):
                     writer.add({**row, "interpreter": interpreted})
         log(f"check: {shape.stage} done ({'interpreter' if interpreted else device})")
-    return writer.flush() or writer.path  # (no file if the budget allowed no shape at all)
+    return writer.close()  # (no file if the budget allowed no shape at all)
 
 
 def main(argv=None) -> None:

@@ -456,6 +456,18 @@ def write_text(text: str, path: str | os.PathLike) -> Path:
 _LIVE_WRITERS: weakref.WeakSet = weakref.WeakSet()
 
 
+def _flush_live_writers(reason: str) -> None:
+    """Write every live ResultWriter's rows (the process is about to end for ``reason``)."""
+    for writer in list(_LIVE_WRITERS):
+        try:
+            path = writer.flush()
+        except Exception as error:  # the other writers must still get their turn
+            log(f"{reason}: could not write {writer.path}: {error}")
+            continue
+        if path is not None:
+            log(f"{reason}: {len(writer.rows)} rows kept in {path}")
+
+
 def _flush_and_exit(signum, frame) -> None:
     """SIGTERM handler: write every live ResultWriter's rows, then die of the signal as if it
     had not been handled (so SIGTERM still ends a pytest run or a notebook kernel).
@@ -464,16 +476,13 @@ def _flush_and_exit(signum, frame) -> None:
     between two bytecodes of the main thread, so the rows are consistent; a write it interrupted
     leaves only its temporary file behind, never a half-written CSV.
     """
-    for writer in list(_LIVE_WRITERS):
-        try:
-            path = writer.flush()
-        except Exception as error:  # the other writers must still get their turn
-            log(f"stopped by signal {signum}: could not write {writer.path}: {error}")
-            continue
-        if path is not None:
-            log(f"stopped by signal {signum}: {len(writer.rows)} rows kept in {path}")
-    signal.signal(signum, signal.SIG_DFL)
-    os.kill(os.getpid(), signum)
+    try:
+        _flush_live_writers(f"stopped by signal {signum}")
+    finally:
+        # Whatever happened above, the process ends: an exception escaping from here would be
+        # raised at the interrupted line, where a measurement loop could catch it and go on.
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
     raise SystemExit(128 + signum)  # not reached: the default action ends the process
 
 
@@ -522,6 +531,13 @@ class ResultWriter:
         import pandas as pd
 
         return write_csv(self.transform(pd.DataFrame(self.rows)), self.path)
+
+    def close(self) -> Path:
+        """Write the rows a last time and stop answering SIGTERM: a finished run's writer must
+        not later overwrite the CSV of a newer run in the same process (a notebook, a test).
+        Returns the CSV's path (not written if there were no rows)."""
+        _LIVE_WRITERS.discard(self)
+        return self.flush() or self.path
 
 
 # --------------------------------------------------------------------------------------------
@@ -580,8 +596,16 @@ def record_failure(failures: list[str], label: str, error: Exception) -> None:
     A CUDA error is raised again instead: it leaves the CUDA context unusable for what follows.
     """
     accelerator_error = getattr(torch, "AcceleratorError", ())  # torch >= 2.8
-    if isinstance(error, accelerator_error):
-        raise error
+    try:
+        if isinstance(error, accelerator_error):
+            raise error
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            # A fault inside a Triton launch arrives as a plain RuntimeError; if it broke the
+            # context, synchronizing raises too.
+            torch.cuda.synchronize()
+    except Exception:
+        _flush_live_writers(f"{label}: CUDA error, stage ends")  # keep what was measured
+        raise
     log(f"{label}: FAILED\n{traceback.format_exc().rstrip()}")
     first_line = (str(error).strip().splitlines() or [""])[0]
     failures.append(f"{label}: {type(error).__name__}: {first_line}")
@@ -602,5 +626,11 @@ def _fmt_s(seconds: float) -> str:
 
 
 def log(message: str) -> None:
-    """A progress/status line on stderr (stdout is kept for results and the final summary)."""
-    print(message, file=sys.stderr, flush=True)
+    """A progress/status line on stderr (stdout is kept for results and the final summary).
+
+    A closed stderr (``tee`` in ``bench/gpu.sh`` killed first) loses the line rather than
+    raising: a status line must never stop a run from writing its results or its stages."""
+    try:
+        print(message, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass

@@ -293,7 +293,7 @@ def run(
                 )
         del x, k2, k3, g
         progress.step(label)
-    path = writer.flush() or out_dir / "gating.csv"
+    path = writer.close()
     if skipped:
         log(f"gating: {skipped} of {len(groups)} groups skipped: budget of {budget_s:.0f}s spent")
     raise_failures(failures)

@@ -15,8 +15,8 @@
 # measuring stages, chosen to keep the whole run under 9 minutes on one H100 with ~70 s for
 # start-up, plots and summary; raise it for a fuller grid), SCCONV_BENCH_DEADLINE_S (default 540:
 # hard limit in whole seconds from the start of this script; a stage still running then is
-# stopped, keeping the rows it measured, and plots and the summary still follow, up to about
-# 30 s later), SCCONV_BENCH_DRY_RUN=1 (= --dry-run).
+# stopped (SIGTERM; it has up to 15 s to write the rows it holds before SIGKILL), and the plots
+# and the summary still follow), SCCONV_BENCH_DRY_RUN=1 (= --dry-run).
 set -euo pipefail
 
 usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }

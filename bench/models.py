@@ -697,7 +697,7 @@ def run(
         _write_op_counts(out_dir, meta, settings)
     except Exception as error:
         record_failure(failures, "models: ATen op counts", error)
-    path = writer.flush() or out_dir / "models.csv"
+    path = writer.close()
     if skipped:
         log(f"models: {len(skipped)} of {len(cases)} cases skipped (budget or memory)")
         write_csv([vars(c) for c in skipped], out_dir / "models_skipped.csv")

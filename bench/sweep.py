@@ -241,7 +241,7 @@ def run(
             configs.save_table(table, out_dir / "tuned_configs.json")
             progress.step(f"{kernel} {key}: {best['config']} {best['ms']:.4f} ms")
         del inputs
-    path = writer.flush() or out_dir / "sweep.csv"
+    path = writer.close()
     if table_path.parent.resolve() != out_dir.resolve():
         configs.save_table(table, out_dir / "tuned_configs.json")
     if skipped:

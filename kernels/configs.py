@@ -170,10 +170,14 @@ def save_table(table: dict, path=None) -> None:
         raise TypeError(f"table must be a dict, got {type(table).__name__}")
     path = Path(path) if path is not None else TUNED_TABLE_PATH
     text = json.dumps(table, indent=1, sort_keys=True) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    # Hidden, like bench.common's temporaries: a run stopped mid-write leaves nothing visible.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the table private
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

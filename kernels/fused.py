@@ -197,13 +197,8 @@ def _device_context(t: torch.Tensor):
 
 
 def _check_launchable(op: str, t: torch.Tensor) -> None:
-    """Compiled kernels take CUDA tensors only (Triton would fail reading a CPU pointer)."""
-    runtime.require_runnable(INTERPRETED)
-    if not INTERPRETED and t.device.type != "cuda":
-        raise ValueError(
-            f"{op}: the Triton kernels are compiled for CUDA here, got tensors on {t.device}; "
-            "move them to the GPU, or call the torch.ops.scconv op (ATen ops off CUDA)"
-        )
+    off_cuda = "call the torch.ops.scconv op (ATen ops off CUDA)"
+    runtime.require_launchable(INTERPRETED, t.device, op, off_cuda)
 
 
 # --------------------------------------------------------------------------------------------

@@ -66,3 +66,17 @@ def require_runnable(interpreted: bool) -> None:
         "first imported), or import `kernels` (or `scconv`) before anything that imports triton "
         "with the interpreter disabled; or use gate='eager'."
     )
+
+
+def require_launchable(interpreted: bool, device: torch.device, op: str, off_cuda: str) -> None:
+    """Raise if kernels built in this mode cannot take tensors on ``device``.
+
+    :func:`require_runnable`, and then: compiled kernels read CUDA memory only (Triton would
+    fail on a CPU pointer). ``op`` names the caller and ``off_cuda`` says what to use instead.
+    """
+    require_runnable(interpreted)
+    if not interpreted and device.type != "cuda":
+        raise ValueError(
+            f"{op}: the Triton kernels are compiled for CUDA here, got tensors on {device}; "
+            f"move them to the GPU, or {off_cuda}"
+        )

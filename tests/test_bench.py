@@ -775,6 +775,53 @@ def test_deadline_stops_a_stage_and_still_prints_the_summary_last(
     assert (out / "summary.txt").read_text().strip().splitlines()[-1] == lines[-1]
 
 
+_ORCHESTRATOR_WITH_SLOW_STAGE = """
+import sys
+from bench import __main__ as orchestrator
+
+out = sys.argv[1]
+orchestrator.plan = lambda *args: [orchestrator.Stage("slow", ["slow_stage", "--out", out])]
+sys.exit(orchestrator.main(["--out", out]))
+"""
+
+
+def test_sigterm_to_the_run_stops_the_running_stage(tmp_path, slow_stage):
+    # A timeout (or the device tool) signals python -m bench, not the stage, which runs in a
+    # session of its own: the orchestrator must pass the stop on before it exits.
+    out = tmp_path / "out"
+    run = subprocess.Popen([sys.executable, "-c", _ORCHESTRATOR_WITH_SLOW_STAGE, str(out)],
+                           cwd=REPO, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        for line in run.stderr:
+            if line.strip() == "rows added":  # the stage's own output, through the run's
+                break
+        run.terminate()
+        assert run.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        run.kill()
+    # The stage got SIGTERM from the orchestrator: it wrote the rows it held.
+    assert pd.read_csv(out / "slow.csv")["i"].tolist() == [0, 1, 2]
+
+
+def test_a_failed_stage_leaves_no_earlier_results(tmp_path, monkeypatch, capfd):
+    from bench import __main__ as orchestrator
+
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = [out / "gating_correctness.csv", out / "gating.csv", out / "gating_latency.png"]
+    for path in earlier:
+        path.write_text("from an earlier run\n")
+    kept = out / "models.csv"  # --skip models: an earlier run's models stay
+    kept.write_text("from an earlier run\n")
+    stages = [orchestrator.Stage("check", ["no_such_stage_module"]),
+              orchestrator.Stage("gating", ["no_such_stage_module"]),
+              orchestrator.Stage("models", ["no_such_stage_module"])]  # fmt: skip
+    monkeypatch.setattr(orchestrator, "plan", lambda *args: stages)
+    assert orchestrator.main(["--out", str(out), "--skip", "models"]) == 1
+    assert "FAILED stages: check, gating" in capfd.readouterr().out
+    assert not any(path.exists() for path in earlier) and kept.exists()
+
+
 def test_a_stage_that_ignores_sigterm_is_killed(tmp_path, slow_stage, monkeypatch, capfd):
     from bench import __main__ as orchestrator
 

@@ -106,12 +106,13 @@ def test_compile_imports_the_op_while_tracing():
     scconv.gating imports kernels.sc_gate lazily and kernels.sc_gate imports the custom op
     lazily, so dynamo meets both imports during tracing; fullgraph=True must still hold.
     """
-    code = """
+    code = f"""
         import sys, torch, scconv
         from scconv.gating import sc_gate
         assert "kernels.op" not in sys.modules
-        x = torch.randn(1, 2, 8, 8, requires_grad=True)
-        k2, k3 = torch.randn(1, 2, 2, 2), torch.randn(1, 2, 8, 8)
+        x = torch.randn(1, 2, 8, 8, device="{DEVICE}", requires_grad=True)
+        k2 = torch.randn(1, 2, 2, 2, device="{DEVICE}")
+        k3 = torch.randn(1, 2, 8, 8, device="{DEVICE}")
         compiled = torch.compile(lambda x, k2, k3: sc_gate(x, k2, k3, "triton") * 2, fullgraph=True)
         out = compiled(x, k2, k3)
         out.sum().backward()
