@@ -1,11 +1,11 @@
-"""Compile the gating kernels for a GPU target, with or without a GPU, to read what it would run.
+"""Compile the Triton kernels for a GPU target, with or without a GPU, to read what it would run.
 
 ``triton.compile`` with an explicit ``GPUTarget`` needs no driver, so the CPU machines can check
 the PTX (vector width of loads and stores) and, through ptxas, registers and spills. The kernel
-arguments are built by the launchers' own ``forward_launch_arguments`` /
-``backward_launch_arguments`` and specialised as a launch would be (integers equal to 1 become
-constants, integers and pointers divisible by 16 are marked so), so the code read here is the
-code a launch of the same tensors compiles.
+arguments are built by the launchers' own ``*_launch_arguments`` functions (the gating kernels'
+in ``kernels.gate``, the fused inference kernels' in ``kernels.fused``) and specialised as a
+launch would be (integers equal to 1 become constants, integers and pointers divisible by 16 are
+marked so), so the code read here is the code a launch of the same tensors compiles.
 
 The kernels must be built compiled, not interpreted::
 
@@ -24,7 +24,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels import configs, gate
+from kernels import configs, fused, gate
 
 _TRITON_TYPES = {
     torch.float16: "fp16",
@@ -58,16 +58,20 @@ def _specialise(fn, args, constexprs):
     return signature, constants, attrs
 
 
+def _require_compiled() -> None:
+    if gate.INTERPRETED or fused.INTERPRETED:
+        raise RuntimeError(
+            "the kernels were built for Triton's interpreter; run with TRITON_INTERPRET=0 to "
+            "compile them for a GPU target"
+        )
+
+
 def compile_kernel(kernel: str, x, k2, k3, config: triton.Config, arch: int = 90):
     """Compile ``kernel`` ("forward" or "backward") for sm_``arch`` as a launch on these tensors.
 
     Tensors may be on the meta device (only shapes, strides and dtypes matter).
     """
-    if gate.INTERPRETED:
-        raise RuntimeError(
-            "the kernels were built for Triton's interpreter; run with TRITON_INTERPRET=0 to "
-            "compile them for a GPU target"
-        )
+    _require_compiled()
     if kernel == "forward":
         fn = gate._gate_forward_kernel
         args, constexprs, _ = gate.forward_launch_arguments(x, k2, k3, gate.empty_like_layout(x))
@@ -77,9 +81,28 @@ def compile_kernel(kernel: str, x, k2, k3, config: triton.Config, arch: int = 90
         args, constexprs, _ = gate.backward_launch_arguments(outputs[0], x, k2, k3, *outputs[1:])
     else:
         raise ValueError(f"unknown kernel {kernel!r}; kernels are {', '.join(configs.KERNELS)}")
-    signature, constants, attrs = _specialise(fn, args, {**constexprs, **config.kwargs})
-    source = ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    return _compile(fn, args, {**constexprs, **config.kwargs}, options, arch)
+
+
+def compile_fused(kernel: str, a, b, arch: int = 90):
+    """Compile a kernel of ``kernels.fused`` for sm_``arch`` as its launcher would launch it:
+    "relu_cat" on (a, b), "add_relu" on (x, residual). Meta tensors will do."""
+    _require_compiled()
+    if kernel == "relu_cat":
+        fn = fused._relu_cat_kernel
+        args, constexprs, _ = fused.relu_cat_launch_arguments(a, b, fused._relu_cat_empty(a, b))
+    elif kernel == "add_relu":
+        fn = fused._add_relu_kernel
+        args, constexprs, _ = fused.add_relu_launch_arguments(a, b)
+    else:
+        raise ValueError(f"unknown fused kernel {kernel!r}; they are relu_cat, add_relu")
+    return _compile(fn, args, constexprs, {"num_warps": fused.NUM_WARPS}, arch)
+
+
+def _compile(fn, args, constexprs, options, arch):
+    signature, constants, attrs = _specialise(fn, args, constexprs)
+    source = ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
@@ -136,6 +159,11 @@ def main(argv=None) -> None:
                 for config in prune(configs.search_space(kernel), named):
                     info = summary(compile_kernel(kernel, x, k2, k3, config, args.arch), args.arch)
                     print(f"{kernel:8} {configs.table_key(x, k2):42} {config}: {info}")
+            # The fused inference kernels on the same block's tensors (conv3's input halves and
+            # the residual).
+            for kernel in ("relu_cat", "add_relu"):
+                info = summary(compile_fused(kernel, x, x, args.arch), args.arch)
+                print(f"{kernel:8} {configs.table_key(x, k2):42}: {info}")
 
 
 if __name__ == "__main__":

@@ -215,8 +215,7 @@ def relu_cat_triton(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         (N, Ca + Cb, H, W) in the inputs' memory format. No autograd.
     """
     check_relu_cat_inputs(a, b)
-    layout = dense_layout(a, b)
-    if layout is None:
+    if dense_layout(a, b) is None:
         raise ValueError(
             "relu_cat_triton: a and b must both be contiguous or both channels_last, got strides "
             f"{a.stride()} and {b.stride()} (torch.ops.scconv.relu_cat accepts any strides)"
@@ -224,29 +223,31 @@ def relu_cat_triton(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     out = _relu_cat_empty(a, b)
     if out.numel() == 0:
         return out
+    args, constexprs, grid = relu_cat_launch_arguments(a, b, out)
+    _check_launchable("relu_cat_triton", a)
+    with _device_context(a):
+        _relu_cat_kernel[grid](*args, **constexprs, num_warps=NUM_WARPS)
+    return out
+
+
+def relu_cat_launch_arguments(a, b, out):
+    """(args, constexprs, grid) of ``_relu_cat_kernel`` for a and b dense in out's memory
+    format, NCHW or channels_last (also used by ``kernels.codegen``)."""
     n, ca, h, w = a.shape
     cb = b.shape[1]
-    if layout == torch.channels_last:
-        outer, row_a, row_b = n * h * w, ca, cb
-    else:
+    if out.is_contiguous():
         outer, row_a, row_b = n, ca * h * w, cb * h * w
+    else:  # channels_last
+        outer, row_a, row_b = n * h * w, ca, cb
     row = row_a + row_b
     if row > _MAX_ROW:
         # Row lengths are int32 inside the kernel (one image of ~2**31 elements in NCHW).
         raise ValueError(f"relu_cat_triton: {row} elements per image is too many for the kernel")
-    _check_launchable("relu_cat_triton", a)
     block_r = min(BLOCK_ELEMENTS, triton.next_power_of_2(row))
     block_o = BLOCK_ELEMENTS // block_r
     programs = triton.cdiv(outer, block_o) * triton.cdiv(row, block_r)
-    with _device_context(a):
-        _relu_cat_kernel[(programs,)](
-            a, b, out, outer, row_a, row_b,
-            BLOCK_O=block_o,
-            BLOCK_R=block_r,
-            WIDE_INDEX=out.numel() > _INT32_LIMIT,
-            num_warps=NUM_WARPS,
-        )  # fmt: skip
-    return out
+    constexprs = {"BLOCK_O": block_o, "BLOCK_R": block_r, "WIDE_INDEX": out.numel() > _INT32_LIMIT}
+    return (a, b, out, outer, row_a, row_b), constexprs, (programs,)
 
 
 def add_relu_triton_(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -266,17 +267,21 @@ def add_relu_triton_(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     if numel == 0:
         return x
     _check_launchable("add_relu_triton_", x)
+    args, constexprs, grid = add_relu_launch_arguments(x, residual)
     with _device_context(x):
-        _add_relu_kernel[(triton.cdiv(numel, BLOCK_ELEMENTS),)](
-            x,
-            residual,
-            numel,
-            BLOCK=BLOCK_ELEMENTS,
-            WIDE_INDEX=numel > _INT32_LIMIT,
-            COMPUTE_DTYPE=tl.float64 if x.dtype == torch.float64 else tl.float32,
-            num_warps=NUM_WARPS,
-        )
+        _add_relu_kernel[grid](*args, **constexprs, num_warps=NUM_WARPS)
     return x
+
+
+def add_relu_launch_arguments(x, residual):
+    """(args, constexprs, grid) of ``_add_relu_kernel`` (also used by ``kernels.codegen``)."""
+    numel = x.numel()
+    constexprs = {
+        "BLOCK": BLOCK_ELEMENTS,
+        "WIDE_INDEX": numel > _INT32_LIMIT,
+        "COMPUTE_DTYPE": tl.float64 if x.dtype == torch.float64 else tl.float32,
+    }
+    return (x, residual, numel), constexprs, (triton.cdiv(numel, BLOCK_ELEMENTS),)
 
 
 # --------------------------------------------------------------------------------------------

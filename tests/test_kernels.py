@@ -703,12 +703,27 @@ compiled("backward", x, k2, BLOCK_C=4, BLOCK_Q=8)
 codegen.gate._INT32_LIMIT = 16  # the int64 index path compiles too
 compiled("forward", x, k2, BLOCK_C=4, BLOCK_HW=256)
 compiled("backward", x, k2, BLOCK_C=4, BLOCK_Q=8)
+
+# The fused inference kernels (kernels/fused.py), as their launchers launch them.
+for layout in (torch.contiguous_format, cl):
+    a, b = meta((2, 32, 28, 28), layout=layout), meta((2, 64, 28, 28), layout=layout)
+    for kernel, inputs in (("relu_cat", (a, b)), ("add_relu", (b, b))):
+        info = codegen.summary(codegen.compile_fused(kernel, *inputs))
+        assert "ld.global.v4.b32" in info["loads"], (kernel, layout, info)
+        assert "st.global.v4.b32" in info["stores"], (kernel, layout, info)
+a, b = meta((1, 3, 5, 7), torch.float64), meta((1, 2, 5, 7), torch.float64)
+codegen.compile_fused("relu_cat", a, b)
+codegen.compile_fused("add_relu", a, a)
+codegen.fused._INT32_LIMIT = 16  # the int64 index paths
+codegen.compile_fused("relu_cat", a, b)
+codegen.compile_fused("add_relu", a, a)
 print("ok")
 """
 
 
 def test_kernels_compile_for_sm90_with_vector_loads():
-    """The compiled (GPU) path, checked without a GPU: build PTX for sm_90 and read the loads."""
+    """The compiled (GPU) path, checked without a GPU: build PTX for sm_90 and read the loads
+    (the gating kernels and the fused inference kernels)."""
     result = _run_python(_CODEGEN_CHECK, {"TRITON_INTERPRET": "0"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
