@@ -191,7 +191,17 @@ def _nvidia_driver() -> str:
 
 def git_commit(repo: Path = REPO_ROOT) -> str:
     """Commit hash of ``repo``, with ``+dirty`` when files outside ``bench/results`` differ from
-    it or are new; "none" without commits, "unknown" outside a git repository."""
+    it or are new; "none" without commits. Outside a git repository (a tree copied to a GPU
+    machine without its .git) ``$SCCONV_BENCH_COMMIT`` names the commit it was copied from, as
+    "<hash> (copied tree)"; "unknown" without it."""
+    commit = _git_commit(repo)
+    copied_from = os.environ.get("SCCONV_BENCH_COMMIT", "").strip()
+    if commit == "unknown" and copied_from:
+        return f"{copied_from} (copied tree)"
+    return commit
+
+
+def _git_commit(repo: Path) -> str:
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"],

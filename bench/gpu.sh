@@ -16,10 +16,11 @@
 # start-up, plots and summary; raise it for a fuller grid), SCCONV_BENCH_DEADLINE_S (default 540:
 # hard limit in whole seconds from the start of this script; a stage still running then is
 # stopped (SIGTERM; it has up to 15 s to write the rows it holds before SIGKILL), and the plots
-# and the summary still follow), SCCONV_BENCH_DRY_RUN=1 (= --dry-run).
+# and the summary still follow), SCCONV_BENCH_COMMIT (the commit a tree without .git was copied
+# from, recorded in every CSV row), SCCONV_BENCH_DRY_RUN=1 (= --dry-run).
 set -euo pipefail
 
-usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
 
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"

@@ -42,6 +42,16 @@ def test_metadata_has_every_column_and_labels_the_cpu_timer():
         common.metadata("tpu")
 
 
+def test_git_commit_of_this_checkout_and_of_a_copied_tree(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCCONV_BENCH_COMMIT", "0123abcd")
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO,
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    assert common.git_commit().removesuffix("+dirty") == head  # a real repository wins
+    assert common.git_commit(tmp_path) == "0123abcd (copied tree)"  # no .git: the given commit
+    monkeypatch.delenv("SCCONV_BENCH_COMMIT")
+    assert common.git_commit(tmp_path) == "unknown"
+
+
 def test_slugify_names_a_directory():
     assert common.slugify("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     with pytest.raises(ValueError, match="directory name"):
