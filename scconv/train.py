@@ -783,16 +783,24 @@ def _loopback_rendezvous(url: str) -> bool:
     return any(f"://{host}:" in url for host in LOOPBACK_HOSTS)
 
 
+def _process_gpu(args, launch: Launch, local_index: int, rank: int, gpus: int) -> int:
+    """The GPU index of this process among the node's ``gpus``."""
+    if launch.spawn:
+        return local_index
+    if launch.local_rank is not None:
+        return launch.local_rank
+    if args.gpu is not None:
+        return args.gpu
+    # Processes started by hand, one per GPU (--world-size N --rank R): ranks are numbered node by
+    # node, so the rank modulo the node's GPU count is the local index (0 for a single process).
+    return rank % gpus
+
+
 def run(local_index: int, args: argparse.Namespace, launch: Launch, checkpoint=None) -> None:
     """One training (or evaluation) process: ``local_index`` is its index on this node."""
     rank = launch.rank + (local_index if launch.spawn else 0)
     if launch.use_cuda:
-        if launch.spawn:
-            gpu = local_index
-        elif launch.local_rank is not None:
-            gpu = launch.local_rank
-        else:
-            gpu = args.gpu or 0
+        gpu = _process_gpu(args, launch, local_index, rank, torch.cuda.device_count())
         torch.cuda.set_device(gpu)
         device = torch.device("cuda", gpu)
     else:

@@ -5,6 +5,7 @@ generated ImageFolders at 128 px (the smallest round size SCNet's stage-4 maps a
 Bad input is checked in-process through ``main(argv)``, which is what the console script calls.
 """
 
+import argparse
 import json
 import os
 import random
@@ -464,6 +465,24 @@ class FakeCudaRng:
         for name in ("get_rng_state", "set_rng_state", "get_rng_state_all", "set_rng_state_all"):
             monkeypatch.setattr(torch.cuda, name, getattr(self, name))
         return self
+
+
+def test_each_process_gets_its_own_gpu():
+    def launch(**changes):
+        fields = {"distributed": True, "world_size": 16, "rank": 0, "spawn": 0,
+                  "procs_on_node": 1, "local_rank": None, "dist_url": "env://", "backend": "nccl",
+                  "use_cuda": True}  # fmt: skip
+        return train.Launch(**{**fields, **changes})
+
+    args = argparse.Namespace(gpu=None)
+    # --multiprocessing-distributed: the spawned process's index on the node
+    assert train._process_gpu(args, launch(spawn=8), 3, rank=11, gpus=8) == 3
+    # torchrun: LOCAL_RANK
+    assert train._process_gpu(args, launch(local_rank=5), 0, rank=13, gpus=8) == 5
+    # started by hand with --gpu, or without it: the rank's place on its node (was always GPU 0)
+    assert train._process_gpu(argparse.Namespace(gpu=2), launch(), 0, rank=9, gpus=8) == 2
+    assert train._process_gpu(args, launch(rank=9), 0, rank=9, gpus=8) == 1
+    assert train._process_gpu(args, launch(distributed=False, world_size=1), 0, 0, gpus=8) == 0
 
 
 def test_rng_state_resumes_on_a_machine_with_fewer_gpus(monkeypatch):
