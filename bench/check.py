@@ -90,11 +90,7 @@ def check_case(
             {
                 "case": shape.stage,
                 "batch": batch,
-                "C": shape.C,
-                "H": shape.H,
-                "W": shape.W,
-                "h": shape.h,
-                "w": shape.w,
+                **shape.sizes(),
                 "dtype": dtype,
                 "layout": layout,
                 "tensor": name,

@@ -72,6 +72,10 @@ class GatingShape:
     def k2_numel(self, batch: int) -> int:
         return batch * self.C * self.h * self.w
 
+    def sizes(self) -> dict[str, int]:
+        """The C, H, W, h, w columns every gating CSV row carries."""
+        return {"C": self.C, "H": self.H, "W": self.W, "h": self.h, "w": self.w}
+
 
 # SCNet-50 at 224x224 (design notes). SCNet-101 differs only in layer3: 22 blocks after the first.
 GATING_SHAPES = (
@@ -274,11 +278,7 @@ def run(
                         "mode": mode,
                         "stage": shape.stage,
                         "batch": batch,
-                        "C": shape.C,
-                        "H": shape.H,
-                        "W": shape.W,
-                        "h": shape.h,
-                        "w": shape.w,
+                        **shape.sizes(),
                         "dtype": dtype,
                         "layout": layout,
                         "blocks_scnet50": shape.blocks["scnet50"],

@@ -217,9 +217,8 @@ def run(
             rows = time_configs(
                 kernel, configs.search_space(kernel)[:max_configs], inputs, dtype, timing
             )
-            case = {"table_key": key, "stage": shape.stage, "batch": batch, "C": shape.C,
-                    "H": shape.H, "W": shape.W, "h": shape.h, "w": shape.w, "dtype": dtype,
-                    "layout": layout}  # fmt: skip
+            case = {"table_key": key, "stage": shape.stage, "batch": batch, **shape.sizes(),
+                    "dtype": dtype, "layout": layout}  # fmt: skip
             nbytes = minimal_bytes(shape, batch, inputs[0].element_size(), KERNEL_MODES[kernel])
             valid = [r for r in rows if r["correct"]]
             best = min(valid, key=lambda r: r["ms"]) if valid else None

@@ -121,6 +121,8 @@ def _drop_checkpoints(tmp_path):
 
 
 SMALL_RUN = ["--image-size", IMAGE_SIZE, "-j", "0", "-b", "4", "--num-classes", "2", "-p", "1"]
+# The resume test's runs: one epoch then --resume for one more, against two epochs straight.
+RESUME_RUN = [*SMALL_RUN, "--lr", "0.01", "--lr-step-size", "1", "--seed", "0"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -509,18 +511,7 @@ def test_rng_state_resumes_on_a_machine_with_fewer_gpus(monkeypatch):
 def resumed(tmp_path_factory, two_classes):
     """One epoch, then --resume for one more, in the same output folder."""
     out = tmp_path_factory.mktemp("resume")
-    common = [
-        two_classes,
-        *SMALL_RUN,
-        "--lr",
-        "0.01",
-        "--lr-step-size",
-        "1",
-        "--seed",
-        "0",
-        "--output",
-        out,
-    ]
+    common = [two_classes, *RESUME_RUN, "--output", out]
     first = check_ok(run_cli([*common, "--epochs", "1"]))
     after_first = load_checkpoint(out / "checkpoint.pth")
     second = check_ok(run_cli([*common, "--epochs", "2", "--resume", out / "checkpoint.pth"]))
@@ -571,13 +562,7 @@ def test_resume_continues(resumed, two_classes, tmp_path):
         run_cli(
             [
                 two_classes,
-                *SMALL_RUN,
-                "--lr",
-                "0.01",
-                "--lr-step-size",
-                "1",
-                "--seed",
-                "0",
+                *RESUME_RUN,
                 "--output",
                 straight,
                 "--epochs",
