@@ -20,25 +20,32 @@ $(STAMP): pyproject.toml .ci/constraints.txt
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The GPU machine runs Triton 3.6 (with torch 2.11); this venv has the Triton that torch 2.14
-# pins. test-compat runs the tests of the Triton code again with Triton 3.6 unpacked in front of
-# the venv's, through 3.6's interpreter, which needs numpy<2.4 (see kernels/gate.py). Both come
-# from PyPI; torch stays the venv's.
+# The GPU machine runs torch 2.11, torchvision 0.26 and Triton 3.6; this venv has torch 2.14.
+# test-compat runs the suite again (less the `slow` checks) with that set unpacked in front of the
+# venv's packages, so code that needs a newer torch or Triton fails on the CPU too. Triton 3.6's
+# interpreter needs numpy<2.4 (see kernels/gate.py). All four come from PyPI (torch 2.11: a
+# 530 MB download, 1.2 GB unpacked) with --no-deps: torch 2.11 loads the CUDA libraries the
+# venv's torch brought (both are CUDA 13 builds) and shares its other dependencies.
 COMPAT := $(VENV)/compat
 COMPAT_STAMP := $(COMPAT)/.installed
+COMPAT_TORCH := torch==2.11.0 torchvision==0.26.0
 COMPAT_TRITON := triton==3.6.0
+COMPAT_PATH := $(abspath $(COMPAT)/torch):$(abspath $(COMPAT)/triton):$(abspath $(COMPAT)/numpy)
 
 $(COMPAT_STAMP): $(STAMP) Makefile
 	rm -rf $(COMPAT)
+	$(BIN)/python -m pip install -q --no-deps --target $(COMPAT)/torch $(COMPAT_TORCH)
 	$(BIN)/python -m pip install -q --no-deps --target $(COMPAT)/triton '$(COMPAT_TRITON)'
 	$(BIN)/python -m pip install -q --no-deps --target $(COMPAT)/numpy 'numpy<2.4'
 	touch $(COMPAT_STAMP)
 
 test-compat: $(COMPAT_STAMP)
-	SCCONV_COMPAT_TRITON=$(abspath $(COMPAT)/triton) \
-	PYTHONPATH=$(abspath $(COMPAT)/triton):$(abspath $(COMPAT)/numpy) \
-	$(BIN)/python -m pytest tests/test_kernels.py tests/test_gate_models.py tests/test_inference.py \
-	    -p no:cacheprovider \
+	SCCONV_COMPAT_TRITON=$(abspath $(COMPAT)/triton) PYTHONPATH=$(COMPAT_PATH) \
+	$(BIN)/python -c 'import torch, torchvision, triton, numpy; print("test-compat: torch", \
+	    torch.__version__, "torchvision", torchvision.__version__, "triton", triton.__version__, \
+	    "numpy", numpy.__version__)'
+	SCCONV_COMPAT_TRITON=$(abspath $(COMPAT)/triton) PYTHONPATH=$(COMPAT_PATH) \
+	$(BIN)/python -m pytest -m "not slow" -p no:cacheprovider \
 	    -W "ignore:Conversion of an array with ndim:DeprecationWarning" $(PYTEST_ARGS)
 
 bench: $(STAMP)
