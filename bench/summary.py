@@ -204,11 +204,138 @@ def summarize(out_dir) -> str:
     return "\n".join(lines)
 
 
+_PROVIDER_LABELS = {"eager": "eager", "torch_compile": "torch.compile", "triton": "triton"}
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _variant(row) -> str:
+    return row["model"] if row["gate"] == "none" else f"{row['model']} [{row['gate']}]"
+
+
+def readme_tables(out_dir) -> str:
+    """The measured tables of ``out_dir`` in Markdown, for the README (``--markdown``).
+
+    Gating: SCNet-50's whole-network gating per mode and layout (headline dtype, largest batch),
+    each provider's time, Triton's GB/s and % of the copy bandwidth, Triton's speed-up over
+    eager and ``torch.compile``. Models: SCNet / ResNet time ratio (and SCNet img/s) per
+    regime, task and batch at the headline precision and layout. ATen ops per forward. Cells a
+    run did not measure are ``-``.
+    """
+    out_dir = Path(out_dir)
+    frames = {
+        name: _read(out_dir, f"{name}.csv")
+        for name in ("gating", "models", "aten_ops", "breakdown", "bandwidth")
+    }
+    any_frame = next((f for f in frames.values() if f is not None and "device" in f), None)
+    if any_frame is None:
+        return f"no results found in {out_dir}"
+    first = any_frame.iloc[0]
+    where = "on" if first["device"] == "cuda" else "in"
+    lines = [
+        f"Measured {where} {device_label(any_frame)} (torch {first['torch']}, triton "
+        f"{first['triton']}, CUDA {first['cuda']}, driver {first['driver']}; commit "
+        f"{first['git_commit']}, {str(first['timestamp'])[:10]}); CSVs in `{out_dir.name}/`."
+    ]
+    if first["device"] != "cuda":
+        lines.append("CPU mode: CPU times, which say nothing about GPU speed.")
+
+    gating = frames["gating"]
+    if gating is not None:
+        # The plots' dtype and batch, every layout measured there.
+        headline_rows, _ = gating_subset(gating)
+        dtype, batch = headline_rows["dtype"].iloc[0], int(headline_rows["batch"].iloc[0])
+        gates = int(headline_rows.drop_duplicates("stage")["blocks_scnet50"].sum())
+        base = gating[(gating["dtype"] == dtype) & (gating["batch"] == batch)]
+        copy = float(gating["copy_gbps"].iloc[0])
+        rows = []
+        for layout in dict.fromkeys(base["layout"]):
+            network = network_gating(base[base["layout"] == layout])
+            for mode, part in network.groupby("mode", sort=False):
+                by = part.set_index("provider")
+                ms = {p: by.loc[p, "ms"] for p in by.index}
+                cells = [mode, layout]
+                cells += [f"{ms[p]:.3f}" if p in ms else "-" for p in _PROVIDER_LABELS]
+                if "triton" in ms:
+                    cells += [f"{by.loc['triton', 'gbps']:.0f}",
+                              f"{by.loc['triton', 'pct_of_copy']:.0f} %"]  # fmt: skip
+                    cells += [f"{ms[p] / ms['triton']:.2f}x" if p in ms else "-"
+                              for p in ("eager", "torch_compile")]  # fmt: skip
+                else:
+                    cells += ["-"] * 4
+                rows.append(cells)
+        lines += ["", f"SCNet-50 gating, whole network (sum over its {gates} gates), {dtype}, "
+                  f"batch {batch}; ms (median); device copy {copy:.0f} GB/s:", ""]  # fmt: skip
+        header = ["mode", "layout", *(f"{label} ms" for label in _PROVIDER_LABELS.values()),
+                  "triton GB/s", "triton % of copy", "triton vs eager",
+                  "triton vs torch.compile"]  # fmt: skip
+        lines += _markdown_table(header, rows) if rows else ["(no complete set of gating shapes)"]
+
+    models = frames["models"]
+    if models is not None:
+        subset, label = models_subset(models)
+        batches = sorted(dict.fromkeys(subset["batch"]), reverse=True)
+        rows = []
+        keys = ["model", "gate", "regime", "task"]
+        for key, part in subset.groupby(keys, sort=False):
+            row = dict(zip(keys, key, strict=True))
+            if row["gate"] == "none":
+                continue
+            by_batch = part.set_index("batch")
+            cells = [_variant(row), row["regime"], row["task"]]
+            for b in batches:
+                if b in by_batch.index and pd.notna(by_batch.loc[b, "time_ratio_vs_resnet"]):
+                    cells.append(f"{by_batch.loc[b, 'time_ratio_vs_resnet']:.2f} "
+                                 f"({by_batch.loc[b, 'img_per_s']:,.0f} img/s)")  # fmt: skip
+                else:
+                    cells.append("-")
+            rows.append(cells)
+        lines += ["", f"SCNet time / ResNet time, same regime, task and batch ({label}; < 1: "
+                  "SCNet is faster), with the SCNet's images per second:", ""]  # fmt: skip
+        header = ["model", "regime", "task", *(f"batch {b}" for b in batches)]
+        lines += _markdown_table(header, rows) if rows else ["(no SCNet/ResNet pair measured)"]
+
+    breakdown = frames["breakdown"]
+    if breakdown is not None:
+        part = breakdown[breakdown["pass"].isin(["forward", "backward"])].copy()
+        part["variant"] = part.apply(_variant, axis=1)
+        table = part.pivot_table(
+            index="variant", columns="category", values="time_ms", aggfunc="sum", sort=False
+        )
+        table["total"] = table.sum(axis=1)
+        first_row = breakdown.iloc[0]
+        lines += ["", f"One training forward+backward by op category, ms "
+                  f"({first_row['time_source']}; {first_row['precision']}, {first_row['layout']}, "
+                  f"batch {first_row['batch']}):", ""]  # fmt: skip
+        lines += _markdown_table(
+            ["model", *table.columns],
+            [[variant, *(f"{v:.2f}" for v in values)] for variant, values in table.iterrows()],
+        )
+
+    aten_ops = frames["aten_ops"]
+    if aten_ops is not None:
+        columns = ["model", "original", "optimized", "optimized_triton_gate", "saved"]
+        columns = [c for c in columns if c in aten_ops]
+        lines += ["", "ATen ops per forward (eval; optimized = `scconv.optimize_for_inference`):",
+                  ""]  # fmt: skip
+        lines += _markdown_table(
+            columns, [[str(row[c]) for c in columns] for _, row in aten_ops.iterrows()]
+        )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.summary", description=__doc__)
     parser.add_argument("out_dir")
+    parser.add_argument(
+        "--markdown", action="store_true", help="print the README's tables (Markdown) instead"
+    )
     args = parser.parse_args(argv)
-    print(summarize(args.out_dir))
+    print(readme_tables(args.out_dir) if args.markdown else summarize(args.out_dir))
 
 
 if __name__ == "__main__":
