@@ -228,7 +228,8 @@ def make_batch(case: Case, device: str, num_classes: int = 1000, seed: int = 0):
 def make_step(case: Case, model: nn.Module, device: str) -> Callable[[], object]:
     """The closure timed for ``case``: one inference forward or one training step."""
     regime = REGIMES[case.regime]
-    images, labels = make_batch(case, device)
+    classifier = getattr(model, "fc", None)
+    images, labels = make_batch(case, device, getattr(classifier, "out_features", 1000))
     amp_dtype = PRECISIONS[case.precision]
 
     def autocast():

@@ -557,6 +557,21 @@ def test_models_go_on_after_a_failing_case_then_fail(tmp_path, monkeypatch, one_
     assert pd.read_csv(tmp_path / "models.csv")["model"].tolist() == ["resnet50"]
 
 
+@NO_CUDA
+def test_models_run_every_setting_of_the_gpu_grid(tmp_path, monkeypatch, one_thread):
+    # bf16 autocast, channels_last, batch 1, the optimized regime, training: settings only the
+    # GPU grid uses, run here on tiny stand-ins (the eager gate; compiling regimes aside).
+    monkeypatch.setattr(models, "build_model", _tiny_model)
+    grid = dict(models=("scnet50", "resnet50"), gates=("eager",), regimes=("eager", "optimized"),
+                tasks=models.TASKS, precisions=("amp_bf16", "fp32"),
+                layouts=("channels_last", "nchw"), batches=(2, 1), image_size=112)  # fmt: skip
+    path = models.run(tmp_path, device="cpu", rep_ms=1, breakdown=False, **grid)
+    frame = pd.read_csv(path)
+    assert len(frame) == len(models.plan_cases(**grid)) == 40  # none failed, none skipped
+    assert frame["time_ratio_vs_resnet"].notna().all()
+    assert not (tmp_path / "models_skipped.csv").exists()
+
+
 def test_ratio_columns_divide_by_the_matching_resnet():
     rows = []
     for model, gate, ms in (("resnet50", "none", 10.0), ("scnet50", "eager", 13.0),
