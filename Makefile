@@ -20,31 +20,31 @@ $(STAMP): pyproject.toml .ci/constraints.txt
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The GPU machine runs torch 2.11, torchvision 0.26 and Triton 3.6; this venv has torch 2.14.
-# test-compat runs the suite again (less the `slow` checks) with that set unpacked in front of the
-# venv's packages, so code that needs a newer torch or Triton fails on the CPU too. Triton 3.6's
-# interpreter needs numpy<2.4 (see kernels/gate.py). All four come from PyPI (torch 2.11: a
-# 530 MB download, 1.2 GB unpacked) with --no-deps: torch 2.11 loads the CUDA libraries the
-# venv's torch brought (both are CUDA 13 builds) and shares its other dependencies.
+# The GPU machine runs torch 2.11, torchvision 0.26 and Triton 3.6 (.ci/compat.txt); this venv
+# has torch 2.14. test-compat runs the suite again (less the `slow` checks) with those unpacked in
+# front of the venv's packages, so code that needs a newer torch or Triton fails on the CPU too.
+# Triton 3.6's interpreter needs numpy<2.4 (see kernels/gate.py), unpacked apart so that a test can
+# also run the GPU stack with the venv's newer NumPy. From PyPI with --no-deps (torch 2.11: a
+# 530 MB download, 1.2 GB unpacked): torch 2.11 loads the CUDA libraries the venv's torch brought
+# (both are CUDA 13 builds) and shares its other dependencies. Reinstalled only when
+# .ci/compat.txt changes (the venv itself is an order-only prerequisite).
 COMPAT := $(VENV)/compat
 COMPAT_STAMP := $(COMPAT)/.installed
-COMPAT_TORCH := torch==2.11.0 torchvision==0.26.0
-COMPAT_TRITON := triton==3.6.0
-COMPAT_PATH := $(abspath $(COMPAT)/torch):$(abspath $(COMPAT)/triton):$(abspath $(COMPAT)/numpy)
+COMPAT_SITE := $(abspath $(COMPAT)/gpu-stack)
+COMPAT_PATH := $(COMPAT_SITE):$(abspath $(COMPAT)/numpy)
 
-$(COMPAT_STAMP): $(STAMP) Makefile
+$(COMPAT_STAMP): .ci/compat.txt | $(STAMP)
 	rm -rf $(COMPAT)
-	$(BIN)/python -m pip install -q --no-deps --target $(COMPAT)/torch $(COMPAT_TORCH)
-	$(BIN)/python -m pip install -q --no-deps --target $(COMPAT)/triton '$(COMPAT_TRITON)'
+	$(BIN)/python -m pip install -q --no-deps --target $(COMPAT)/gpu-stack -r .ci/compat.txt
 	$(BIN)/python -m pip install -q --no-deps --target $(COMPAT)/numpy 'numpy<2.4'
 	touch $(COMPAT_STAMP)
 
 test-compat: $(COMPAT_STAMP)
-	SCCONV_COMPAT_TRITON=$(abspath $(COMPAT)/triton) PYTHONPATH=$(COMPAT_PATH) \
+	SCCONV_COMPAT_SITE=$(COMPAT_SITE) PYTHONPATH=$(COMPAT_PATH) \
 	$(BIN)/python -c 'import torch, torchvision, triton, numpy; print("test-compat: torch", \
 	    torch.__version__, "torchvision", torchvision.__version__, "triton", triton.__version__, \
 	    "numpy", numpy.__version__)'
-	SCCONV_COMPAT_TRITON=$(abspath $(COMPAT)/triton) PYTHONPATH=$(COMPAT_PATH) \
+	SCCONV_COMPAT_SITE=$(COMPAT_SITE) PYTHONPATH=$(COMPAT_PATH) \
 	$(BIN)/python -m pytest -m "not slow" -p no:cacheprovider \
 	    -W "ignore:Conversion of an array with ndim:DeprecationWarning" $(PYTEST_ARGS)
 

@@ -670,7 +670,9 @@ def run(
     if not cases:
         raise ValueError(
             f"the grid holds no case: training needs a batch of at least {MIN_TRAIN_BATCH}, "
-            "and compiling regimes run only the compile models and tasks"
+            "each regime runs only its tasks ("
+            + ", ".join(f"{r}: {'/'.join(REGIMES[r].tasks)}" for r in settings["regimes"])
+            + "), and compiling regimes run only the compile models and tasks"
         )
     writer = ResultWriter(out_dir / "models.csv", meta, transform=add_ratio_columns)
     progress = Progress("models", len(cases) + (1 if breakdown else 0))

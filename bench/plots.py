@@ -79,10 +79,10 @@ def gating_subset(frame: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     """The gating rows the plots show (largest batch, bf16 if measured, NCHW) and their label."""
     _check_columns(frame, ("provider", "mode", "stage", "batch", "dtype", "layout", "ms"), "gating")
     dtype = headline(frame, "dtype", ("bf16", "fp16", "fp32"))
-    layout = headline(frame, "layout", ("nchw",))
-    batch = int(frame["batch"].max())
-    subset = frame[(frame.dtype == dtype) & (frame.layout == layout) & (frame.batch == batch)]
-    return subset, f"{dtype}, {layout}, batch {batch}"
+    layout = headline(frame[frame.dtype == dtype], "layout", ("nchw",))
+    rows = frame[(frame.dtype == dtype) & (frame.layout == layout)]
+    batch = int(rows["batch"].max())  # the largest batch measured at that dtype and layout
+    return rows[rows.batch == batch], f"{dtype}, {layout}, batch {batch}"
 
 
 def _grouped_bars(ax, table: pd.DataFrame, ylabel: str) -> None:

@@ -22,30 +22,57 @@ def _read(out_dir: Path, name: str) -> pd.DataFrame | None:
     return None if frame.empty else frame
 
 
+def network_stages(frame: pd.DataFrame, model: str = "scnet50") -> dict[str, int]:
+    """The gating shapes of one pass through ``model`` and its gates at each: every SCNet gating
+    shape when the rows are of those (so that a run cut short by its budget is not summed as the
+    whole network), else the shapes in the rows (the dry run's tiny shape)."""
+    from bench.gating import GATING_SHAPES
+
+    known = {shape.stage: shape.blocks[model] for shape in GATING_SHAPES}
+    present = frame.drop_duplicates("stage")
+    if set(present["stage"]) <= set(known):
+        return known
+    return dict(zip(present["stage"], present[f"blocks_{model}"].astype(int), strict=True))
+
+
+NETWORK_COLUMNS = ["provider", "mode", "ms", "gbps", "pct_of_copy"]
+
+
 def network_gating(frame: pd.DataFrame, model: str = "scnet50") -> pd.DataFrame:
-    """Whole-network gating per provider and mode: the sum over gating shapes of median time x
-    number of blocks of ``model`` at that shape; achieved GB/s and % of copy from the summed
-    minimal bytes. Only providers/modes with every shape measured are kept."""
+    """Whole-network gating per provider and mode at the plots' dtype, layout and batch
+    (``gating_subset``): the sum over ``network_stages`` of median time x number of blocks of
+    ``model`` at that shape; achieved GB/s and % of copy from the summed minimal bytes. Only
+    providers/modes with every shape measured are kept (the frame may then have no rows)."""
     column = f"blocks_{model}"
     subset, _ = gating_subset(frame)
-    stages = subset["stage"].nunique()
+    stages = set(network_stages(frame, model))
     rows = []
     for (provider, mode), part in subset.groupby(["provider", "mode"], sort=False):
-        if part["stage"].nunique() < stages:
+        if not stages <= set(part["stage"]):
             continue
+        part = part[part["stage"].isin(stages)]
         ms = float((part["ms"] * part[column]).sum())
         nbytes = float((part["minimal_bytes"] * part[column]).sum())
         gbps = nbytes / ms / 1e6
-        rows.append(
-            {
-                "provider": provider,
-                "mode": mode,
-                "ms": ms,
-                "gbps": gbps,
-                "pct_of_copy": 100 * gbps / float(part["copy_gbps"].iloc[0]),
-            }
-        )
-    return pd.DataFrame(rows)
+        pct = 100 * gbps / float(part["copy_gbps"].iloc[0])
+        rows.append(dict(zip(NETWORK_COLUMNS, (provider, mode, ms, gbps, pct), strict=True)))
+    return pd.DataFrame(rows, columns=NETWORK_COLUMNS)
+
+
+def _by_category(breakdown: pd.DataFrame) -> pd.DataFrame:
+    """ms per category (columns) and variant (rows) of one training forward+backward, with the
+    GPU time the profiler could not tie to an op (pass "both") as "unattributed", and a total."""
+    part = breakdown[breakdown["pass"].isin(["forward", "backward", "both"])].copy()
+    part["variant"] = part.apply(_variant, axis=1)
+    table = part.pivot_table(
+        index="variant", columns="category", values="time_ms", aggfunc="sum", sort=False
+    )
+    table["total"] = table.sum(axis=1)
+    return table
+
+
+def _variant(row) -> str:
+    return row["model"] if row["gate"] == "none" else f"{row['model']} [{row['gate']}]"
 
 
 def summarize(out_dir) -> str:
@@ -97,8 +124,8 @@ def summarize(out_dir) -> str:
 
     gating = frames["gating"]
     if gating is not None:
-        subset, label = gating_subset(gating)
-        gates = int(subset.drop_duplicates("stage")["blocks_scnet50"].sum())
+        _, label = gating_subset(gating)
+        gates = sum(network_stages(gating).values())
         lines.append("")
         grid = ", ".join(
             f"{column} {'/'.join(str(v) for v in dict.fromkeys(gating[column]))}"
@@ -159,14 +186,7 @@ def summarize(out_dir) -> str:
         source = breakdown["time_source"].iloc[0]
         lines.append("")
         lines.append(f"per-op breakdown of one training forward+backward ({source}, ms):")
-        part = breakdown[breakdown["pass"].isin(["forward", "backward"])].copy()
-        part["variant"] = part.apply(
-            lambda r: r["model"] if r["gate"] == "none" else f"{r['model']} [{r['gate']}]", axis=1
-        )
-        table = part.pivot_table(
-            index="variant", columns="category", values="time_ms", aggfunc="sum", sort=False
-        )
-        table["total"] = table.sum(axis=1)
+        table = _by_category(breakdown)
         lines.extend("  " + line for line in table.round(2).to_string().splitlines())
 
     aten_ops = frames["aten_ops"]
@@ -213,10 +233,6 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
-def _variant(row) -> str:
-    return row["model"] if row["gate"] == "none" else f"{row['model']} [{row['gate']}]"
-
-
 def readme_tables(out_dir) -> str:
     """The measured tables of ``out_dir`` in Markdown, for the README (``--markdown``).
 
@@ -235,29 +251,33 @@ def readme_tables(out_dir) -> str:
     if any_frame is None:
         return f"no results found in {out_dir}"
     first = any_frame.iloc[0]
-    where = "on" if first["device"] == "cuda" else "in"
+    device = f"on {first['gpu_name']}" if first["device"] == "cuda" else (
+        f"in CPU mode on {first['device_name']} (CPU times, which say nothing about GPU speed)"
+    )  # fmt: skip
     lines = [
-        f"Measured {where} {device_label(any_frame)} (torch {first['torch']}, triton "
-        f"{first['triton']}, CUDA {first['cuda']}, driver {first['driver']}; commit "
-        f"{first['git_commit']}, {str(first['timestamp'])[:10]}); CSVs in `{out_dir.name}/`."
+        f"Measured {device}; torch {first['torch']}, triton {first['triton']}, CUDA "
+        f"{first['cuda']}, driver {first['driver']}; commit {first['git_commit']}, "
+        f"{str(first['timestamp'])[:10]}; CSVs in `{out_dir.name}/`."
     ]
-    if first["device"] != "cuda":
-        lines.append("CPU mode: CPU times, which say nothing about GPU speed.")
 
     gating = frames["gating"]
     if gating is not None:
         # The plots' dtype and batch, every layout measured there.
         headline_rows, _ = gating_subset(gating)
         dtype, batch = headline_rows["dtype"].iloc[0], int(headline_rows["batch"].iloc[0])
-        gates = int(headline_rows.drop_duplicates("stage")["blocks_scnet50"].sum())
+        gates = sum(network_stages(gating).values())
         base = gating[(gating["dtype"] == dtype) & (gating["batch"] == batch)]
         copy = float(gating["copy_gbps"].iloc[0])
-        rows = []
+        rows, incomplete = [], []
         for layout in dict.fromkeys(base["layout"]):
             network = network_gating(base[base["layout"] == layout])
-            for mode, part in network.groupby("mode", sort=False):
-                by = part.set_index("provider")
-                ms = {p: by.loc[p, "ms"] for p in by.index}
+            if network.empty:
+                incomplete.append(layout)
+            for mode in dict.fromkeys(base["mode"]):
+                by = network[network["mode"] == mode].set_index("provider")
+                if by.empty:
+                    continue
+                ms = by["ms"].to_dict()
                 cells = [mode, layout]
                 cells += [f"{ms[p]:.3f}" if p in ms else "-" for p in _PROVIDER_LABELS]
                 if "triton" in ms:
@@ -269,11 +289,15 @@ def readme_tables(out_dir) -> str:
                     cells += ["-"] * 4
                 rows.append(cells)
         lines += ["", f"SCNet-50 gating, whole network (sum over its {gates} gates), {dtype}, "
-                  f"batch {batch}; ms (median); device copy {copy:.0f} GB/s:", ""]  # fmt: skip
+                  f"batch {batch}; ms (median); device copy {copy:.0f} GB/s; a provider without "
+                  "every shape measured is `-`:", ""]  # fmt: skip
         header = ["mode", "layout", *(f"{label} ms" for label in _PROVIDER_LABELS.values()),
                   "triton GB/s", "triton % of copy", "triton vs eager",
                   "triton vs torch.compile"]  # fmt: skip
-        lines += _markdown_table(header, rows) if rows else ["(no complete set of gating shapes)"]
+        lines += _markdown_table(header, rows) if rows else []
+        if incomplete:
+            lines += ["", f"({', '.join(incomplete)}: no provider has every gating shape "
+                      f"measured at {dtype}, batch {batch})"]  # fmt: skip
 
     models = frames["models"]
     if models is not None:
@@ -301,12 +325,7 @@ def readme_tables(out_dir) -> str:
 
     breakdown = frames["breakdown"]
     if breakdown is not None:
-        part = breakdown[breakdown["pass"].isin(["forward", "backward"])].copy()
-        part["variant"] = part.apply(_variant, axis=1)
-        table = part.pivot_table(
-            index="variant", columns="category", values="time_ms", aggfunc="sum", sort=False
-        )
-        table["total"] = table.sum(axis=1)
+        table = _by_category(breakdown)
         first_row = breakdown.iloc[0]
         lines += ["", f"One training forward+backward by op category, ms "
                   f"({first_row['time_source']}; {first_row['precision']}, {first_row['layout']}, "

@@ -645,15 +645,16 @@ def test_interpreter_that_cannot_loop_is_named(monkeypatch):
     torch.testing.assert_close(kernels.sc_gate(x, k2, k3), sc_gate_reference(x, k2, k3))
 
 
-COMPAT_TRITON = os.environ.get("SCCONV_COMPAT_TRITON")  # set by `make test-compat`
+# The folder holding the GPU machine's torch, torchvision and Triton 3.6 (`make test-compat`).
+COMPAT_SITE = os.environ.get("SCCONV_COMPAT_SITE")
 
 
-@pytest.mark.skipif(not COMPAT_TRITON, reason="needs `make test-compat` (Triton 3.6 unpacked)")
+@pytest.mark.skipif(not COMPAT_SITE, reason="needs `make test-compat` (Triton 3.6 unpacked)")
 @pytest.mark.skipif(CUDA, reason="the interpreter is checked only where it runs")
 def test_triton36_interpreter_with_new_numpy_raises_named_error():
-    # Triton 3.6 first on the path, with this venv's own NumPy rather than the older one that
-    # `make test-compat` puts beside it.
-    path = {"PYTHONPATH": f"{REPO}{os.pathsep}{COMPAT_TRITON}"}
+    # The GPU machine's stack first on the path, with this venv's own NumPy (>= 2.4, as there)
+    # rather than the older one that `make test-compat` puts beside it.
+    path = {"PYTHONPATH": f"{REPO}{os.pathsep}{COMPAT_SITE}"}
     numpy_version = _run_python("import numpy; print(numpy.__version__)", path).stdout.strip()
     if tuple(int(v) for v in numpy_version.split(".")[:2]) < (2, 4):
         pytest.skip(f"this venv's NumPy {numpy_version} still converts 1-element arrays")
