@@ -207,9 +207,11 @@ def plot_models_throughput(frame: pd.DataFrame, path=None):
 def plot_breakdown(frame: pd.DataFrame, path=None):
     """Stacked time per op category for one forward and one backward of each profiled model."""
     _check_columns(frame, ("model", "gate", "pass", "category", "time_ms"), "breakdown")
-    part = frame[frame["pass"].isin(["forward", "backward"])].copy()
+    # Pass "both": GPU kernel time the profiler could not tie to an op of either pass.
+    passes = {"forward": "forward", "backward": "backward", "both": "fwd+bwd, not tied to an op"}
+    part = frame[frame["pass"].isin(list(passes))].copy()
     part["variant"] = part.apply(_variant, axis=1)
-    part["bar"] = part["variant"] + " " + part["pass"]
+    part["bar"] = part["variant"] + " " + part["pass"].map(passes)
     table = part.pivot_table(index="bar", columns="category", values="time_ms", aggfunc="sum")
     order = list(dict.fromkeys(part["bar"]))
     table = table.reindex(index=order[::-1])

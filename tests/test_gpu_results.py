@@ -278,6 +278,9 @@ def test_unattributed_gpu_time_counts_in_the_breakdown_totals(gpu_results, tmp_p
                if line.startswith("| scnet50 [eager] | 10.00"))  # fmt: skip
     # 2 passes x (5 + 6 + 7 + 8 + 9) ms, plus the 50 unattributed.
     assert row.endswith("| 50.00 | 120.00 |")
+    figure = plots.plot_breakdown(pd.read_csv(folder / "breakdown.csv"))
+    labels = [label.get_text() for label in figure.axes[0].get_yticklabels()]
+    assert "scnet50 [eager] fwd+bwd, not tied to an op" in labels
 
 
 @pytest.mark.parametrize("name", ["speed_vs_resnet.ipynb", "autotune_sweep.ipynb"])
