@@ -123,6 +123,8 @@ def _drop_checkpoints(tmp_path):
 SMALL_RUN = ["--image-size", IMAGE_SIZE, "-j", "0", "-b", "4", "--num-classes", "2", "-p", "1"]
 # The resume test's runs: one epoch then --resume for one more, against two epochs straight.
 RESUME_RUN = [*SMALL_RUN, "--lr", "0.01", "--lr-step-size", "1", "--seed", "0"]
+# One epoch of two processes, started by torchrun or by --multiprocessing-distributed.
+DDP_RUN = [*SMALL_RUN, "--epochs", "1", "--lr", "0.01"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -693,11 +695,7 @@ def test_ddp_with_torchrun(two_classes, tmp_path):
             "-m",
             "scconv.train",
             two_classes,
-            *SMALL_RUN,
-            "--epochs",
-            "1",
-            "--lr",
-            "0.01",
+            *DDP_RUN,
             "--output",
             out,
         ],
@@ -712,11 +710,7 @@ def test_ddp_with_multiprocessing_distributed(two_classes, tmp_path):
     result = run_cli(
         [
             two_classes,
-            *SMALL_RUN,
-            "--epochs",
-            "1",
-            "--lr",
-            "0.01",
+            *DDP_RUN,
             "--output",
             out,
             "--multiprocessing-distributed",
