@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -24,6 +25,16 @@ KERNEL_NAME = "scconv-bench-python"
 
 def notebooks() -> list[Path]:
     return sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+
+
+def _kernel_pythonpath() -> str:
+    """This checkout, then the entries of ``$PYTHONPATH`` made absolute (from this process's
+    working directory, as this process reads them)."""
+    entries = [str(REPO_ROOT)]
+    for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+        if entry:
+            entries.append(str(Path(entry).resolve()))
+    return os.pathsep.join(dict.fromkeys(entries))
 
 
 def execute(path: str | Path, save: bool = False, timeout_s: int = 600):
@@ -46,6 +57,9 @@ def execute(path: str | Path, save: bool = False, timeout_s: int = 600):
             "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
             "display_name": "Python (scconv bench)",
             "language": "python",
+            # The kernel runs in notebooks/: a relative $PYTHONPATH (the GPU machine's
+            # `PYTHONPATH=.`, no install) would point there, so the checkout goes first, absolute.
+            "env": {"PYTHONPATH": _kernel_pythonpath()},
         }
         (spec_dir / "kernel.json").write_text(json.dumps(spec))
         specs = KernelSpecManager(kernel_dirs=[kernels_dir])

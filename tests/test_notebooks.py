@@ -6,6 +6,8 @@ notebooks read the committed results in ``bench/results/`` (or ``$SCCONV_BENCH_R
 nothing is written back.
 """
 
+import os
+
 import pytest
 
 from bench import notebooks
@@ -68,3 +70,13 @@ def test_missing_csvs_are_reported_in_the_cells(tmp_path, monkeypatch):
     assert "MISSING gating.csv" not in text
     executed = notebooks.execute(notebooks.NOTEBOOK_DIR / "autotune_sweep.ipynb")
     assert "MISSING sweep.csv" in _stdout(executed)
+
+
+def test_the_kernel_gets_the_checkout_and_an_absolute_pythonpath(tmp_path, monkeypatch):
+    # The GPU machine runs the project with `PYTHONPATH=.` (no install); the kernel starts in
+    # notebooks/, where "." would not find bench/.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([".", "extra", ""]))
+    entries = notebooks._kernel_pythonpath().split(os.pathsep)
+    assert entries == [str(notebooks.REPO_ROOT), str(tmp_path.resolve()),
+                       str((tmp_path / "extra").resolve())]  # fmt: skip
