@@ -180,7 +180,7 @@ def plan_cases(
         for gate in gates if model.startswith("scnet") else (NO_GATE,):
             cases.append(Case(model, gate, regime, task, precision, layout, batch, image_size))
 
-    main_pair = {models[0], BASELINES[models[0]]}
+    main_pair = {models[0], BASELINES[models[0]]} if models else set()
     gate_rank = {gate: i for i, gate in enumerate(gates)}
 
     def priority(case: Case):

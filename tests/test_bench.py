@@ -598,6 +598,8 @@ def test_models_refuse_bad_grids(tmp_path):
         models.run(tmp_path, device="cpu", colour="red")
     with pytest.raises(ValueError, match="training needs a batch of at least 2"):
         models.run(tmp_path, device="cpu", tasks=("train",), batches=(1,))
+    with pytest.raises(ValueError, match="the grid holds no case"):
+        models.run(tmp_path, device="cpu", models=())
     assert not list(tmp_path.iterdir())
 
 
