@@ -157,7 +157,8 @@ def models_subset(frame: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     return subset, f"{precision}, {layout}" + (f", {size}px" if size else "")
 
 
-def _variant(row) -> str:
+def variant_label(row) -> str:
+    """``"scnet50 [triton]"``: the model and its gate (a ResNet, gate "none": the model alone)."""
     return row["model"] if row["gate"] in ("none", None) else f"{row['model']} [{row['gate']}]"
 
 
@@ -170,7 +171,7 @@ def plot_models_ratio(frame: pd.DataFrame, path=None):
     fig, axes = _figure(1, len(tasks), (6 * len(tasks), 4.2))
     for ax, task in zip(axes[0], tasks, strict=True):
         part = scnets[scnets["task"] == task].copy()
-        part["variant"] = part.apply(_variant, axis=1)
+        part["variant"] = part.apply(variant_label, axis=1)
         part["group"] = part["regime"] + "\nN=" + part["batch"].astype(str)
         table = part.pivot_table(
             index="group", columns="variant", values="time_ratio_vs_resnet", aggfunc="median"
@@ -189,7 +190,7 @@ def plot_models_throughput(frame: pd.DataFrame, path=None):
     """Images per second per model, regime and batch; one panel per task."""
     subset, label = models_subset(frame)
     subset = subset.copy()
-    subset["variant"] = subset.apply(_variant, axis=1)
+    subset["variant"] = subset.apply(variant_label, axis=1)
     subset["group"] = subset["regime"] + "\nN=" + subset["batch"].astype(str)
     tasks = list(dict.fromkeys(subset["task"]))
     fig, axes = _figure(1, len(tasks), (6 * len(tasks), 4.2))
@@ -210,7 +211,7 @@ def plot_breakdown(frame: pd.DataFrame, path=None):
     # Pass "both": GPU kernel time the profiler could not tie to an op of either pass.
     passes = {"forward": "forward", "backward": "backward", "both": "fwd+bwd, not tied to an op"}
     part = frame[frame["pass"].isin(list(passes))].copy()
-    part["variant"] = part.apply(_variant, axis=1)
+    part["variant"] = part.apply(variant_label, axis=1)
     part["bar"] = part["variant"] + " " + part["pass"].map(passes)
     table = part.pivot_table(index="bar", columns="category", values="time_ms", aggfunc="sum")
     order = list(dict.fromkeys(part["bar"]))

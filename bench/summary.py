@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.plots import device_label, gating_subset, models_subset
+from bench.plots import device_label, gating_subset, models_subset, variant_label
 
 
 def _read(out_dir: Path, name: str) -> pd.DataFrame | None:
@@ -63,16 +63,12 @@ def _by_category(breakdown: pd.DataFrame) -> pd.DataFrame:
     """ms per category (columns) and variant (rows) of one training forward+backward, with the
     GPU time the profiler could not tie to an op (pass "both") as "unattributed", and a total."""
     part = breakdown[breakdown["pass"].isin(["forward", "backward", "both"])].copy()
-    part["variant"] = part.apply(_variant, axis=1)
+    part["variant"] = part.apply(variant_label, axis=1)
     table = part.pivot_table(
         index="variant", columns="category", values="time_ms", aggfunc="sum", sort=False
     )
     table["total"] = table.sum(axis=1)
     return table
-
-
-def _variant(row) -> str:
-    return row["model"] if row["gate"] == "none" else f"{row['model']} [{row['gate']}]"
 
 
 def summarize(out_dir) -> str:
@@ -170,7 +166,7 @@ def summarize(out_dir) -> str:
             f"  {'model':<22} {'regime':<14} {'task':<10} {'batch':>5} {'img/s':>9} {'ratio':>6}"
         )
         for _, row in subset.iterrows():
-            name = row["model"] if row["gate"] == "none" else f"{row['model']} [{row['gate']}]"
+            name = variant_label(row)
             ratio = row.get("time_ratio_vs_resnet")
             ratio = f"{ratio:6.2f}" if pd.notna(ratio) else "     -"
             lines.append(
@@ -245,7 +241,7 @@ def readme_tables(out_dir) -> str:
     out_dir = Path(out_dir)
     frames = {
         name: _read(out_dir, f"{name}.csv")
-        for name in ("gating", "models", "aten_ops", "breakdown", "bandwidth")
+        for name in ("gating", "models", "aten_ops", "breakdown")
     }
     any_frame = next((f for f in frames.values() if f is not None and "device" in f), None)
     if any_frame is None:
@@ -310,7 +306,7 @@ def readme_tables(out_dir) -> str:
             if row["gate"] == "none":
                 continue
             by_batch = part.set_index("batch")
-            cells = [_variant(row), row["regime"], row["task"]]
+            cells = [variant_label(row), row["regime"], row["task"]]
             for b in batches:
                 if b in by_batch.index and pd.notna(by_batch.loc[b, "time_ratio_vs_resnet"]):
                     cells.append(f"{by_batch.loc[b, 'time_ratio_vs_resnet']:.2f} "
