@@ -1,15 +1,17 @@
 """The whole benchmark suite: ``python -m bench --out DIR`` (what ``make bench`` runs).
 
 With a CUDA GPU (full suite, see ``bench/gpu.sh``):
-    model summary (``python -m scconv summary``) -> check (Triton kernels vs the eager
-    reference) -> sweep (autotune table) -> gating micro-benchmark -> models (+ per-op
+    tests (the pytest files that run the compiled kernels, capped at ``--tests-s``; log in
+    ``pytest.log``) -> model summary (``python -m scconv summary``) -> check (Triton kernels vs
+    the eager reference) -> sweep (autotune table) -> gating micro-benchmark -> models (+ per-op
     breakdown) -> plots -> summary.
 Without one (CPU mode, labelled as such in every CSV row, plot title and the summary):
     model summary -> check through Triton's interpreter (correctness only, never timed) ->
     gating (eager and torch.compile, batch 1, fp32) -> models (parameters and GMACs, then eager
     at 128 px, batch 2, and torch.compile inference of SCNet-50 and ResNet-50) -> plots ->
     summary. One torch thread per stage unless ``--threads`` says otherwise.
-``--dry-run`` runs every stage on tiny inputs on the CPU (minutes -> seconds): a plumbing check.
+``--dry-run`` runs every stage on tiny inputs on the CPU (minutes -> seconds): a plumbing check
+(its tests stage only collects the tests).
 
 Each stage runs in its own Python process (a failure or a CUDA error in one does not stop the
 others; the interpreter switch is per process) and shares the run's timestamp. The summary is
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
+import importlib.util
 import os
 import signal
 import subprocess
@@ -45,12 +48,48 @@ class Stage:
     args: list[str]  # arguments after ``python -m``
     share: float = 0.0  # fraction of the budget left that this stage may use (0: no budget)
     capture: str | None = None  # file in the output directory that receives stdout
+    # File in the output directory that receives stdout and stderr as they come, kept whatever
+    # the stage's fate (a stopped test run still shows which tests passed).
+    log_file: str | None = None
+    cap_s: float | None = None  # the longest the stage may run (None: until the deadline)
+    # How a stop starts: bench's own stages write the rows they hold on SIGTERM; pytest prints
+    # its failures and result line on SIGINT (on SIGTERM it just dies).
+    stop_signal: int = signal.SIGTERM
+
+    def __post_init__(self):
+        if self.log_file and self.capture:
+            raise ValueError(f"stage {self.name}: log_file and capture both take stdout")
+
+
+# The test files that run the compiled kernels on a GPU (with CUDA, test_kernels runs every
+# kernel test on CUDA tensors; the three hold all the tests marked ``cuda``). A GPU lease is
+# short (README), so the tests run inside the benchmark's one command, first: correct first.
+GPU_TEST_FILES = ("tests/test_kernels.py", "tests/test_gate_models.py", "tests/test_inference.py")
+DEFAULT_TESTS_S = 150.0
+
+
+def tests_stage(cap_s: float, dry_run: bool, files=GPU_TEST_FILES) -> Stage:
+    """pytest over ``files``, at most ``cap_s`` seconds (a dry run only collects).
+
+    With pytest-xdist installed (the GPU machine has it) the tests run in several processes:
+    their time goes mostly to compiling Triton kernels on the CPU, one core per process.
+    """
+    # -v: each test's name and outcome as it ends, so a run stopped at its cap still says which
+    # passed; --durations: what to trim if the cap is too short.
+    args = ["pytest", "-v", "--color=no", "-p", "no:cacheprovider", "--tb=short", "-rfE",
+            "--durations=15", *files]  # fmt: skip
+    if dry_run:
+        args.append("--collect-only")
+    elif importlib.util.find_spec("xdist") is not None:
+        args += ["-n", str(min(8, os.cpu_count() or 1))]
+    return Stage("tests", args, log_file="pytest.log", cap_s=cap_s, stop_signal=signal.SIGINT)
 
 
 # The files each stage writes in the output directory (besides ``capture``; PNGs are drawn from
 # these CSVs by bench.plots.PLOTS).
 OUTPUTS = {
     "check": ("gating_correctness.csv",),
+    "tests": ("pytest.log",),
     "sweep": ("sweep.csv", "tuned_configs.json"),
     "gating": ("gating.csv", "bandwidth.csv"),
     "models": ("models.csv", "models_skipped.csv", "breakdown.csv", "aten_ops.csv",
@@ -58,11 +97,12 @@ OUTPUTS = {
 }  # fmt: skip
 
 
-def plan(out: Path, gpu: bool, dry_run: bool) -> list[Stage]:
-    """The stages of one run, in order."""
+def plan(out: Path, gpu: bool, dry_run: bool, tests_s: float = DEFAULT_TESTS_S) -> list[Stage]:
+    """The stages of one run, in order (``tests_s`` 0: no tests stage)."""
     o = ["--out", str(out)]
+    tests = [tests_stage(tests_s, dry_run)] if tests_s > 0 and (gpu or dry_run) else []
     if dry_run:
-        return [
+        return tests + [
             Stage("check", ["bench.check", *o, "--quick"]),
             Stage(
                 "sweep",
@@ -112,7 +152,7 @@ def plan(out: Path, gpu: bool, dry_run: bool) -> list[Stage]:
             ),  # fmt: skip
         ]
     if gpu:
-        return [
+        return tests + [
             Stage("summary", ["scconv", "summary"], capture="model_summary.txt"),
             # Compiles and autotunes every shape it meets: bounded, so the sweep and the
             # measurements keep most of the budget (the cuda tests check the kernels too).
@@ -135,6 +175,7 @@ def plan(out: Path, gpu: bool, dry_run: bool) -> list[Stage]:
 STOP_GRACE_S = 15.0
 
 DONE, FAILED, STOPPED = "done", "FAILED", "stopped at the deadline"
+CAPPED = "stopped at its time cap"  # Stage.cap_s: later stages still run
 
 
 def _signal_group(process: subprocess.Popen, signum: int) -> None:
@@ -145,10 +186,13 @@ def _signal_group(process: subprocess.Popen, signum: int) -> None:
         pass
 
 
-def _stop(process: subprocess.Popen, name: str, reason: str) -> str | None:
-    """Stop a running stage: SIGTERM, then SIGKILL after ``STOP_GRACE_S``; returns its stdout."""
-    _signal_group(process, signal.SIGTERM)  # first: the log line below may go nowhere
-    log(f"=== bench: stage {name}: {reason}, stopping it (SIGTERM)")
+def _stop(
+    process: subprocess.Popen, name: str, reason: str, signum: int = signal.SIGTERM
+) -> str | None:
+    """Stop a running stage: ``signum``, then SIGKILL after ``STOP_GRACE_S``; returns its
+    stdout."""
+    _signal_group(process, signum)  # first: the log line below may go nowhere
+    log(f"=== bench: stage {name}: {reason}, stopping it ({signal.Signals(signum).name})")
     try:
         stdout, _ = process.communicate(timeout=STOP_GRACE_S)
     except subprocess.TimeoutExpired:
@@ -185,9 +229,12 @@ def _exit_on_termination():
 def _remove_earlier_outputs(stages: list[Stage], out: Path) -> None:
     """Delete the files the planned stages write, where an earlier run left them in ``out``: a
     stage that fails, is stopped or is not reached must not leave an older run's numbers to be
-    plotted and summarised as this run's. Stages left out with ``--skip`` keep theirs."""
+    plotted and summarised as this run's. Stages left out with ``--skip`` keep theirs, except
+    the test log."""
     from bench.plots import PLOTS
 
+    # A test log has no timestamp to tell an earlier run's from this one's: it never stays.
+    (out / "pytest.log").unlink(missing_ok=True)
     for stage in stages:
         outputs = OUTPUTS.get(stage.name, ())
         names = [*outputs, *([stage.capture] if stage.capture else [])]
@@ -201,32 +248,48 @@ def run_stage(
 ) -> tuple[str, float]:
     """Run one stage, stopping it at ``deadline`` (a ``time.monotonic()`` value; None: never).
 
-    Returns (``DONE``, ``FAILED`` or ``STOPPED``, seconds).
+    Returns (``DONE``, ``FAILED``, ``STOPPED`` or, past ``stage.cap_s``, ``CAPPED``; seconds).
     """
     command = [sys.executable, "-m", *stage.args]
     if budget_s is not None and stage.share:
         command += ["--budget-s", f"{budget_s:.0f}"]
     log(f"\n=== bench: stage {stage.name}: {' '.join(command[1:])}")
     start = time.monotonic()
-    # A process group of its own, so that a stop reaches the stage's worker processes too.
-    process = subprocess.Popen(
-        command,
-        env=env,
-        cwd=REPO_ROOT,
-        stdout=subprocess.PIPE if stage.capture else sys.stderr,
-        text=True,
-        start_new_session=True,
-    )
-    timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-    try:
-        stdout, _ = process.communicate(timeout=timeout)
-        status = DONE if process.returncode == 0 else FAILED
-    except subprocess.TimeoutExpired:
-        stdout = _stop(process, stage.name, "deadline reached")
-        status = STOPPED
-    except BaseException:  # e.g. Ctrl-C: the stage is in its own session and did not get it
-        _stop(process, stage.name, "interrupted")
-        raise
+    reason, stopped = "deadline reached", STOPPED
+    if stage.cap_s is not None and (deadline is None or start + stage.cap_s < deadline):
+        deadline, stopped = start + stage.cap_s, CAPPED
+        reason = f"its {stage.cap_s:.0f}s cap reached"
+    with contextlib.ExitStack() as files:
+        if stage.log_file:
+            stdout_to = files.enter_context(open(out / stage.log_file, "w"))  # noqa: SIM115
+            stderr_to = subprocess.STDOUT
+        else:
+            stdout_to = subprocess.PIPE if stage.capture else sys.stderr
+            stderr_to = None
+        # A process group of its own, so that a stop reaches the stage's worker processes too.
+        process = subprocess.Popen(
+            command,
+            env=env,
+            cwd=REPO_ROOT,
+            stdout=stdout_to,
+            stderr=stderr_to,
+            text=True,
+            start_new_session=True,
+        )
+        timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        try:
+            stdout, _ = process.communicate(timeout=timeout)
+            status = DONE if process.returncode == 0 else FAILED
+        except subprocess.TimeoutExpired:
+            stdout = _stop(process, stage.name, reason, stage.stop_signal)
+            status = stopped
+        except BaseException:  # e.g. Ctrl-C: the stage is in its own session and did not get it
+            _stop(process, stage.name, "interrupted", stage.stop_signal)
+            raise
+    if stage.log_file:
+        last = (out / stage.log_file).read_text(errors="replace").strip().splitlines()
+        log(f"=== bench: stage {stage.name}: {last[-1] if last else '(no output)'}"
+            f" ({stage.log_file})")  # fmt: skip
     if stage.capture:
         sys.stderr.write(stdout or "")
         if status == DONE:
@@ -259,6 +322,14 @@ def main(argv=None) -> int:
         "passes one): a stage still running then is stopped, keeping the rows it wrote, later "
         "stages are not run, and plots and the summary follow",
     )
+    parser.add_argument(
+        "--tests-s",
+        type=float,
+        default=DEFAULT_TESTS_S,
+        help=f"the longest the tests stage (GPU and --dry-run only) may run (default "
+        f"{DEFAULT_TESTS_S:.0f}; 0: no tests stage); a cap of its own, not a share of the "
+        "budget, but its time comes out of the budget of the stages after it",
+    )
     parser.add_argument("--skip", default="", help="comma-separated stage names to leave out")
     parser.add_argument(
         "--threads",
@@ -270,6 +341,8 @@ def main(argv=None) -> int:
     start = time.monotonic()
     if args.deadline_s is not None and args.deadline_s <= 0:
         parser.error(f"--deadline-s must be positive, got {args.deadline_s}")
+    if args.tests_s < 0:
+        parser.error(f"--tests-s must be 0 or more, got {args.tests_s}")
     deadline = None if args.deadline_s is None else start + args.deadline_s
 
     out = Path(args.out).resolve()
@@ -299,7 +372,7 @@ def main(argv=None) -> int:
     if budget_s is None and not gpu and not args.dry_run:
         budget_s = 480.0
     skip = {name for name in args.skip.split(",") if name}
-    stages = [s for s in plan(out, gpu, args.dry_run) if s.name not in skip]
+    stages = [s for s in plan(out, gpu, args.dry_run, args.tests_s) if s.name not in skip]
 
     mode = "dry run (CPU, tiny inputs)" if args.dry_run else ("GPU" if gpu else "CPU mode")
     log(
@@ -307,7 +380,7 @@ def main(argv=None) -> int:
         + (f"; budget {budget_s:.0f}s" if budget_s else "")
         + (f"; deadline {args.deadline_s:.0f}s" if deadline is not None else "")
     )
-    failed, stopped, not_run = [], [], []
+    failed, stopped, capped, not_run = [], [], [], []
     _remove_earlier_outputs(stages, out)
     with _exit_on_termination():
         for stage in stages:
@@ -325,8 +398,11 @@ def main(argv=None) -> int:
             status, _ = run_stage(stage, out, env, stage_budget, deadline)
             if status == FAILED:
                 failed.append(stage.name)
-            elif status == STOPPED:
-                stopped.append(stage.name)
+            elif status in (STOPPED, CAPPED):
+                if status == CAPPED:
+                    capped.append(f"{stage.name} ({stage.cap_s:.0f}s)")
+                else:
+                    stopped.append(stage.name)
                 # A stage killed while writing leaves its temporary file (the file is whole).
                 for folder in (out, REPO_ROOT / "kernels"):  # (the tuned table is in kernels/)
                     for temporary in folder.glob(".*.tmp"):
@@ -347,6 +423,8 @@ def main(argv=None) -> int:
             f"\nSTOPPED at the deadline ({args.deadline_s:.0f}s): {', '.join(stopped)} "
             "(the rows measured before the stop are kept)"
         )
+    if capped:
+        text += f"\nSTOPPED at its time cap: {', '.join(capped)}"
     if not_run:
         text += f"\nnot run (deadline passed): {', '.join(not_run)}"
     if failed:

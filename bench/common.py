@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
+import math
 import os
 import platform
 import re
@@ -523,7 +524,9 @@ class ResultWriter:
         self.transform = transform
         self.rows: list[dict] = []
         self.every_s = every_s
-        self._last = 0.0
+        # The first add writes at once: time.monotonic() counts from boot, so a 0.0 start would
+        # hold rows back for every_s on a machine up for less than that.
+        self._last = -math.inf
         _LIVE_WRITERS.add(self)
         _flush_on_sigterm()
 

@@ -1,26 +1,28 @@
 #!/usr/bin/env bash
 # The whole GPU benchmark suite in one command, for a machine with one CUDA GPU and no network.
 #
-#   bench/gpu.sh [OUTDIR]            default OUTDIR: bench/results/<gpu-name>, e.g. nvidia-h100-80gb-hbm3
+#   bench/gpu.sh [OUTDIR]            default OUTDIR: bench/results/<gpu-name>, e.g. nvidia-h200
 #   bench/gpu.sh [OUTDIR] --dry-run  the same pipeline on the CPU with tiny inputs (a plumbing
 #                                    check; default OUTDIR: $TMPDIR/scconv-bench-dry-run)
 #
 # Needs python3 with torch, triton, torchvision, pandas and matplotlib already installed: nothing
-# is installed, the repository is imported through PYTHONPATH=. (no pip install). Runs check ->
-# autotune sweep (writes kernels/tuned_configs.json) -> gating -> models -> plots, each stage
-# skipping what no longer fits in the time budget, writes everything to OUTDIR (log.txt included)
-# and prints the summary last.
+# is installed, the repository is imported through PYTHONPATH=. (no pip install). Runs tests
+# (the kernel, gated-model and inference test files on the GPU, at most SCCONV_BENCH_TESTS_S;
+# pytest.log) -> check -> autotune sweep (writes kernels/tuned_configs.json) -> gating -> models
+# -> plots, each stage skipping what no longer fits in the time budget, writes everything to
+# OUTDIR (log.txt included) and prints the summary last.
 #
 # Environment: PYTHON (default python3), SCCONV_BENCH_BUDGET_S (default 470: seconds for the
-# measuring stages, chosen to keep the whole run under 9 minutes on one H100 with ~70 s for
-# start-up, plots and summary; raise it for a fuller grid), SCCONV_BENCH_DEADLINE_S (default 540:
+# tests and the measuring stages, chosen to keep the whole run under 9 minutes on one H100 or
+# H200 with ~70 s for start-up, plots and summary; raise it for a fuller grid),
+# SCCONV_BENCH_TESTS_S (default 150; 0: no tests), SCCONV_BENCH_DEADLINE_S (default 540:
 # hard limit in whole seconds from the start of this script; a stage still running then is
 # stopped (SIGTERM; it has up to 15 s to write the rows it holds before SIGKILL), and the plots
 # and the summary still follow), SCCONV_BENCH_COMMIT (the commit a tree without .git was copied
 # from, recorded in every CSV row), SCCONV_BENCH_DRY_RUN=1 (= --dry-run).
 set -euo pipefail
 
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
 
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -51,7 +53,8 @@ if [[ "$DRY_RUN" == 1 ]]; then
     OUT="${OUT:-${TMPDIR:-/tmp}/scconv-bench-dry-run}"
     mkdir -p "$OUT"
     # pipefail: the pipeline fails when python does; the summary stays the last output.
-    "$PY" -m bench --out "$OUT" --dry-run --deadline-s "$(deadline_left)" 2>&1 | tee "$OUT/log.txt"
+    "$PY" -m bench --out "$OUT" --dry-run --tests-s "${SCCONV_BENCH_TESTS_S:-150}" \
+        --deadline-s "$(deadline_left)" 2>&1 | tee "$OUT/log.txt"
     exit 0
 fi
 
@@ -67,4 +70,5 @@ mkdir -p "$OUT"
 echo "bench/gpu.sh: writing to $OUT (budget ${SCCONV_BENCH_BUDGET_S:-470}s," \
      "deadline ${DEADLINE_S}s)" >&2
 "$PY" -m bench --out "$OUT" --budget-s "${SCCONV_BENCH_BUDGET_S:-470}" \
-    --deadline-s "$(deadline_left)" 2>&1 | tee "$OUT/log.txt"
+    --tests-s "${SCCONV_BENCH_TESTS_S:-150}" --deadline-s "$(deadline_left)" 2>&1 \
+    | tee "$OUT/log.txt"

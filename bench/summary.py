@@ -1,12 +1,13 @@
 """The short text summary printed last by ``python -m bench``: ``python -m bench.summary DIR``.
 
-Reads only the CSVs in ``DIR``; every number it prints is one of theirs (or a sum/ratio of them,
-said so in the line).
+Reads only the CSVs in ``DIR`` and the test log ``pytest.log``; every number it prints is one of
+theirs (or a sum/ratio of them, said so in the line).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -20,6 +21,35 @@ def _read(out_dir: Path, name: str) -> pd.DataFrame | None:
         return None
     frame = pd.read_csv(path)
     return None if frame.empty else frame
+
+
+# pytest's last line: "==== 3 failed, 120 passed, 2 skipped in 95.21s (0:01:35) ====" (with -q,
+# without the "=" borders).
+_PYTEST_COUNT = (r"[0-9]+ (?:passed|failed|errors?|skipped|deselected|xfailed|xpassed|warnings?|"
+                 r"rerun|tests? collected)")  # fmt: skip
+_PYTEST_RESULT = re.compile(rf"^=* ?(?P<result>(?:no tests ran|{_PYTEST_COUNT}"
+                            rf"(?:, {_PYTEST_COUNT})*) in [0-9.]+s\b.*?) ?=*$")  # fmt: skip
+
+
+def test_result(out_dir) -> str | None:
+    """One line on the tests stage's ``pytest.log`` in ``out_dir`` (None when there is none)."""
+    path = Path(out_dir) / "pytest.log"
+    if not path.exists():
+        return None
+    text = path.read_text(errors="replace")
+    for line in reversed(text.splitlines()):
+        match = _PYTEST_RESULT.match(line.strip())
+        if match:
+            result = match["result"]
+            if "KeyboardInterrupt" in text:  # the tests stage stops pytest with SIGINT
+                return f"tests (pytest.log): {result}, then STOPPED  <-- INCOMPLETE"
+            alarm = ""
+            if re.search(r"\b(failed|errors?)\b", result):
+                alarm = "  <-- FAILURES"
+            elif not re.search(r"\b(passed|collected)\b", result):
+                alarm = "  <-- NO TEST PASSED"
+            return f"tests (pytest.log): {result}{alarm}"
+    return "tests (pytest.log): no result line (stopped before the end?)  <-- INCOMPLETE"
 
 
 def network_stages(frame: pd.DataFrame, model: str = "scnet50") -> dict[str, int]:
@@ -59,7 +89,7 @@ def network_gating(frame: pd.DataFrame, model: str = "scnet50") -> pd.DataFrame:
     return pd.DataFrame(rows, columns=NETWORK_COLUMNS)
 
 
-def _by_category(breakdown: pd.DataFrame) -> pd.DataFrame:
+def breakdown_by_category(breakdown: pd.DataFrame) -> pd.DataFrame:
     """ms per category (columns) and variant (rows) of one training forward+backward, with the
     GPU time the profiler could not tie to an op (pass "both") as "unattributed", and a total."""
     part = breakdown[breakdown["pass"].isin(["forward", "backward", "both"])].copy()
@@ -89,8 +119,10 @@ def summarize(out_dir) -> str:
             "aten_ops",
         )
     }
+    tests = test_result(out_dir)
     any_frame = next((f for f in frames.values() if f is not None and "device" in f), None)
     if any_frame is None:
+        lines.extend([tests] if tests else [])
         lines.append("no results found")
         return "\n".join(lines)
     first = any_frame.iloc[0]
@@ -103,6 +135,9 @@ def summarize(out_dir) -> str:
         lines.append(
             "CPU MODE: times are CPU times on this machine; they say nothing about GPU speed."
         )
+
+    if tests:
+        lines.append(tests)
 
     bandwidth = frames["bandwidth"]
     if bandwidth is not None:
@@ -182,7 +217,7 @@ def summarize(out_dir) -> str:
         source = breakdown["time_source"].iloc[0]
         lines.append("")
         lines.append(f"per-op breakdown of one training forward+backward ({source}, ms):")
-        table = _by_category(breakdown)
+        table = breakdown_by_category(breakdown)
         lines.extend("  " + line for line in table.round(2).to_string().splitlines())
 
     aten_ops = frames["aten_ops"]
@@ -321,7 +356,7 @@ def readme_tables(out_dir) -> str:
 
     breakdown = frames["breakdown"]
     if breakdown is not None:
-        table = _by_category(breakdown)
+        table = breakdown_by_category(breakdown)
         first_row = breakdown.iloc[0]
         lines += ["", f"One training forward+backward by op category, ms "
                   f"({first_row['time_source']}; {first_row['precision']}, {first_row['layout']}, "

@@ -6,6 +6,7 @@ on tiny shapes); the GPU-only paths are exercised by bench/gpu.sh on a GPU.
 """
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -764,6 +765,104 @@ def test_summary_reports_the_whole_network_gating_and_ratios(tmp_path):
     assert "no results found" in summary.summarize(tmp_path / "empty")
 
 
+@pytest.mark.parametrize(
+    ("log", "expected"),
+    [
+        ("....\n120 passed, 3 skipped in 95.21s (0:01:35)\n", "120 passed, 3 skipped in 95.21s"),
+        ("== 2 failed, 5 passed in 3.00s ==\n", ": 2 failed, 5 passed in 3.00s  <-- FAILURES"),
+        ("t.py::a\n\n7 tests collected in 0.52s\n", "7 tests collected in 0.52s"),
+        ("FAILED t.py::a - 1 passed in 3s\n[ 40%]\n", "no result line"),
+        ("", "no result line"),
+    ],
+)
+def test_summary_reports_the_tests_stage(tmp_path, log, expected):
+    assert summary.test_result(tmp_path) is None  # no tests stage ran: no line
+    (tmp_path / "pytest.log").write_text(log)
+    line = summary.test_result(tmp_path)
+    assert line.startswith("tests (pytest.log): ") and expected in line
+    assert ("<--" in line) == ("failed" in log or not log or "[ 40%]" in log)
+    assert line in summary.summarize(tmp_path)  # also with no CSV at all
+
+
+def test_gpu_plan_runs_the_cuda_test_files_first(tmp_path):
+    from bench import __main__ as orchestrator
+
+    stages = orchestrator.plan(tmp_path, gpu=True, dry_run=False, tests_s=99)
+    first = stages[0]
+    assert (first.name, first.log_file, first.cap_s) == ("tests", "pytest.log", 99)
+    assert first.args[0] == "pytest" and "--collect-only" not in first.args
+    files = [a for a in first.args if a.startswith("tests/")]
+    assert files == list(orchestrator.GPU_TEST_FILES)
+    for name in files:  # they exist and hold every test marked cuda
+        assert (REPO / name).is_file()
+    marked = {f.name for f in (REPO / "tests").glob("test_*.py")
+              if re.search(r"^@pytest\.mark\.cuda$", f.read_text(), re.MULTILINE)}  # fmt: skip
+    assert marked <= {Path(name).name for name in files}
+    assert [s.name for s in orchestrator.plan(tmp_path, True, False, 0)][0] == "summary"
+    assert "tests" not in [s.name for s in orchestrator.plan(tmp_path, False, False, 99)]
+    dry = orchestrator.plan(tmp_path, gpu=False, dry_run=True)[0]
+    assert dry.name == "tests" and "--collect-only" in dry.args
+    with pytest.raises(SystemExit) as refused:
+        orchestrator.main(["--out", str(tmp_path), "--tests-s", "-1"])
+    assert refused.value.code == 2
+    with pytest.raises(ValueError, match="log_file and capture"):
+        orchestrator.Stage("x", [], capture="a.txt", log_file="a.log")
+
+
+_SLOW_TESTS = """
+import time
+
+def test_quick():
+    pass
+
+def test_slow():
+    time.sleep(120)
+"""
+
+
+def test_a_test_run_past_its_cap_still_reports_what_passed(tmp_path, capfd):
+    # The tests stage as planned on a GPU, over a file whose second test outlasts the cap:
+    # pytest is stopped with SIGINT, so it still lists the outcomes and prints its result line.
+    from bench import __main__ as orchestrator
+
+    (tmp_path / "test_slow_file.py").write_text(_SLOW_TESTS)
+    stage = orchestrator.tests_stage(20, False, files=[str(tmp_path / "test_slow_file.py")])
+    status, seconds = orchestrator.run_stage(stage, tmp_path, dict(os.environ), None, None)
+    assert status == orchestrator.CAPPED and seconds < 20 + orchestrator.STOP_GRACE_S
+    log = (tmp_path / "pytest.log").read_text()
+    assert "test_slow_file.py::test_quick PASSED" in log and "KeyboardInterrupt" in log
+    line = summary.test_result(tmp_path)
+    assert "1 passed" in line and line.endswith("then STOPPED  <-- INCOMPLETE"), line
+    assert "stopping it (SIGINT)" in capfd.readouterr().err
+
+
+def test_a_stage_past_its_cap_is_stopped_and_the_run_goes_on(
+    tmp_path, slow_stage, monkeypatch, capfd
+):
+    from bench import __main__ as orchestrator
+
+    out = tmp_path / "out"
+    stages = [
+        orchestrator.Stage("slow", [slow_stage, "--out", str(out)], log_file="slow.log", cap_s=12),
+        orchestrator.Stage("after", ["bench.summary", str(out)]),
+    ]
+    monkeypatch.setattr(orchestrator, "plan", lambda *args: stages)
+    # 12 s: ample time for the stage to import torch and add its rows before the stop.
+    status = orchestrator.main(["--out", str(out), "--deadline-s", "300"])
+    captured = capfd.readouterr()
+    assert status == 0, captured.err[-3000:]  # stopped at its cap is not a failure
+    assert "STOPPED at its time cap: slow (12s)" in captured.out
+    assert "not run" not in captured.out and "FAILED" not in captured.out
+    assert "stage slow: its 12s cap reached, stopping it" in captured.err
+    assert "stage after done" in captured.err  # the next stage ran
+    # The stage's stdout and stderr went to its log as they came, and the log stays after the
+    # stop; its last line is repeated in the run's log.
+    lines = (out / "slow.log").read_text().strip().splitlines()
+    assert "rows added" in lines and lines[-1].startswith("stopped by signal 15: 3 rows kept")
+    assert f"=== bench: stage slow: {lines[-1]} (slow.log)" in captured.err
+    assert pd.read_csv(out / "slow.csv")["i"].tolist() == [0, 1, 2]
+
+
 # --------------------------------------------------------------------------------------------
 # stopping a stage: SIGTERM keeps the rows, python -m bench's deadline
 
@@ -947,3 +1046,6 @@ def test_gpu_sh_dry_run_runs_the_whole_pipeline(tmp_path):
             assert frame["timestamp"].nunique() == 1
     correctness = pd.read_csv(out / "gating_correctness.csv")
     assert correctness["passed"].all() and correctness["interpreter"].all()
+    # The tests stage only collects in a dry run; its count is in the summary.
+    assert "tests collected in" in (out / "pytest.log").read_text()
+    assert any(line.startswith("tests (pytest.log): ") and "collected" in line for line in last)

@@ -269,7 +269,7 @@ def test_the_plotted_batch_is_one_measured_at_the_plotted_dtype(gpu_results, tmp
     assert "bf16, batch 32; ms (median)" in summary.readme_tables(folder)
 
 
-def test_unattributed_gpu_time_counts_in_the_breakdown_totals(gpu_results, tmp_path):
+def test_unattributed_gpu_time_counts_in_the_breakdown_totals(gpu_results, tmp_path, monkeypatch):
     frame = pd.read_csv(gpu_results / "breakdown.csv")
     extra = frame.iloc[[0]].assign(**{"pass": "both", "category": "unattributed", "time_ms": 50.0})
     folder = _copy_with(gpu_results, tmp_path / "run", "breakdown.csv",
@@ -281,6 +281,12 @@ def test_unattributed_gpu_time_counts_in_the_breakdown_totals(gpu_results, tmp_p
     figure = plots.plot_breakdown(pd.read_csv(folder / "breakdown.csv"))
     labels = [label.get_text() for label in figure.axes[0].get_yticklabels()]
     assert "scnet50 [eager] fwd+bwd, not tied to an op" in labels
+    # The notebook's totals are the summary's: unattributed time included.
+    monkeypatch.setenv("SCCONV_BENCH_RESULTS", str(folder.parent))
+    executed = notebooks.execute(notebooks.NOTEBOOK_DIR / "speed_vs_resnet.ipynb")
+    outputs = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert "scnet50 [eager]: 120.00 ms vs ResNet-50" in "".join(o.get("text", "") for o in outputs)
 
 
 @pytest.mark.parametrize("name", ["speed_vs_resnet.ipynb", "autotune_sweep.ipynb"])
