@@ -68,11 +68,14 @@ GPU_TEST_FILES = ("tests/test_kernels.py", "tests/test_gate_models.py", "tests/t
 DEFAULT_TESTS_S = 150.0
 
 
-def tests_stage(cap_s: float, dry_run: bool, files=GPU_TEST_FILES) -> Stage:
+def tests_stage(
+    cap_s: float, dry_run: bool, files=GPU_TEST_FILES, workers: int | None = None
+) -> Stage:
     """pytest over ``files``, at most ``cap_s`` seconds (a dry run only collects).
 
-    With pytest-xdist installed (the GPU machine has it) the tests run in several processes:
-    their time goes mostly to compiling Triton kernels on the CPU, one core per process.
+    ``workers`` pytest-xdist processes (0 or 1: one pytest process). By default, with
+    pytest-xdist installed (the GPU machine has it), min(8, CPU cores): the tests' time goes mostly
+    to compiling Triton kernels on the CPU, one core per process.
     """
     # -v: each test's name and outcome as it ends, so a run stopped at its cap still says which
     # passed; --durations: what to trim if the cap is too short.
@@ -80,8 +83,11 @@ def tests_stage(cap_s: float, dry_run: bool, files=GPU_TEST_FILES) -> Stage:
             "--durations=15", *files]  # fmt: skip
     if dry_run:
         args.append("--collect-only")
-    elif importlib.util.find_spec("xdist") is not None:
-        args += ["-n", str(min(8, os.cpu_count() or 1))]
+    else:
+        if workers is None and importlib.util.find_spec("xdist") is not None:
+            workers = min(8, os.cpu_count() or 1)
+        if workers and workers > 1:
+            args += ["-n", str(workers)]
     return Stage("tests", args, log_file="pytest.log", cap_s=cap_s, stop_signal=signal.SIGINT)
 
 

@@ -820,17 +820,24 @@ def test_slow():
 """
 
 
-def test_a_test_run_past_its_cap_still_reports_what_passed(tmp_path, capfd):
+@pytest.mark.parametrize("workers", [1, 2], ids=["one_process", "xdist"])
+def test_a_test_run_past_its_cap_still_reports_what_passed(workers, tmp_path, capfd):
     # The tests stage as planned on a GPU, over a file whose second test outlasts the cap:
     # pytest is stopped with SIGINT, so it still lists the outcomes and prints its result line.
     from bench import __main__ as orchestrator
 
+    if workers > 1:
+        pytest.importorskip("xdist", reason="pytest-xdist (the GPU machine has it) not installed")
     (tmp_path / "test_slow_file.py").write_text(_SLOW_TESTS)
-    stage = orchestrator.tests_stage(20, False, files=[str(tmp_path / "test_slow_file.py")])
+    files = [str(tmp_path / "test_slow_file.py")]
+    stage = orchestrator.tests_stage(10, False, files=files, workers=workers)
+    assert ("-n" in stage.args) == (workers > 1)
     status, seconds = orchestrator.run_stage(stage, tmp_path, dict(os.environ), None, None)
-    assert status == orchestrator.CAPPED and seconds < 20 + orchestrator.STOP_GRACE_S
+    assert status == orchestrator.CAPPED and seconds < 10 + orchestrator.STOP_GRACE_S
     log = (tmp_path / "pytest.log").read_text()
-    assert "test_slow_file.py::test_quick PASSED" in log and "KeyboardInterrupt" in log
+    # pytest -v prints "FILE::test PASSED"; with pytest-xdist, "[gw0] [ 50%] PASSED FILE::test".
+    passed = re.search(r"test_quick PASSED|PASSED \S*test_slow_file\.py::test_quick", log)
+    assert passed and "KeyboardInterrupt" in log, log
     line = summary.test_result(tmp_path)
     assert "1 passed" in line and line.endswith("then STOPPED  <-- INCOMPLETE"), line
     assert "stopping it (SIGINT)" in capfd.readouterr().err
