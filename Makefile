@@ -4,6 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# Test files run in parallel processes (pytest-xdist), each file whole in one process so that its
+# module fixtures are built once; tests/conftest.py shares the cores out among them. Much of the
+# suite is single-threaded (interpreted kernels, subprocesses starting Python) or waits on a
+# clock. `make test PYTEST_PARALLEL=` runs it in one process.
+PYTEST_PARALLEL ?= -n auto --maxprocesses 4 --dist loadfile
 BENCH_OUT ?= bench/results/cpu
 
 .PHONY: install test test-compat bench lint format clean
@@ -18,7 +23,7 @@ $(STAMP): pyproject.toml .ci/constraints.txt
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 # The GPU machine runs torch 2.11, torchvision 0.26 and Triton 3.6 (.ci/compat.txt); this venv
 # has torch 2.14. test-compat runs the suite again (less the `slow` checks) with those unpacked in
@@ -45,7 +50,7 @@ test-compat: $(COMPAT_STAMP)
 	    torch.__version__, "torchvision", torchvision.__version__, "triton", triton.__version__, \
 	    "numpy", numpy.__version__)'
 	SCCONV_COMPAT_SITE=$(COMPAT_SITE) PYTHONPATH=$(COMPAT_PATH) \
-	$(BIN)/python -m pytest -m "not slow" -p no:cacheprovider \
+	$(BIN)/python -m pytest -m "not slow" -p no:cacheprovider $(PYTEST_PARALLEL) \
 	    -W "ignore:Conversion of an array with ndim:DeprecationWarning" $(PYTEST_ARGS)
 
 bench: $(STAMP)

@@ -7,8 +7,16 @@ whole test session consistent whatever imports first).
 
 import os
 
-import pytest
-import torch
+# Under pytest-xdist (`make test` runs the files in parallel processes) each worker gets its share
+# of the cores for torch's intra-op threads, and so do the subprocesses the tests start: with
+# every process on all cores, OpenMP threads spin against each other (on 2 cores, two
+# 2-thread processes ran eager gating 300x slower in bench/). Set before torch is imported.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
