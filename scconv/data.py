@@ -158,8 +158,11 @@ def make_loaders(
     rank: int,
     world_size: int,
     pin_memory: bool,
+    drop_last: bool = False,
 ):
-    """``(train_loader, train_sampler, val_loader)``; ``train_*`` are None when evaluating."""
+    """``(train_loader, train_sampler, val_loader)``; ``train_*`` are None when evaluating.
+
+    ``drop_last`` leaves out each epoch's last, smaller training batch."""
     train_loader = train_sampler = None
     if train_set is not None:
         if distributed:
@@ -173,6 +176,7 @@ def make_loaders(
             sampler=train_sampler,
             num_workers=workers,
             pin_memory=pin_memory,
+            drop_last=drop_last,
         )
     val_sampler = ShardSampler(len(val_set), rank, world_size) if distributed else None
     val_loader = torch.utils.data.DataLoader(

@@ -452,6 +452,9 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dic
         ("--print-freq", args.print_freq, 1),
         ("--lr-step-size", args.lr_step_size, 1),
         ("--image-size", args.image_size, 1),
+        ("--lr", args.lr, 0),
+        ("--momentum", args.momentum, 0),
+        ("--wd", args.weight_decay, 0),
     ):
         if value < least:
             raise UsageError(f"{option} must be at least {least}, got {value}")
@@ -498,6 +501,8 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dic
 
     if args.output is None:
         args.output = os.path.join("runs", args.arch)
+    if not args.evaluate and os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise UsageError(f"--output {args.output!r} exists and is not a folder")
     return checkpoint
 
 
@@ -768,13 +773,81 @@ def build_model(args: argparse.Namespace) -> nn.Module:
             f"--pretrained {args.pretrained}: cannot load weights into {args.arch} with "
             f"{args.num_classes} classes ({error})"
         ) from None
+    check_image_size(model, args)
+    return model
+
+
+def images_per_process(args: argparse.Namespace, launch: Launch) -> int:
+    """The per-process batch (``-b`` is the total over the node's processes)."""
+    per_process = args.batch_size // launch.procs_on_node
+    if per_process < 1:
+        raise UsageError(
+            f"--batch-size {args.batch_size} is smaller than the {launch.procs_on_node} "
+            "processes on this node (it is the total over the node)"
+        )
+    return per_process
+
+
+def shape_model(args: argparse.Namespace) -> nn.Module:
+    """``args.arch`` on the meta device, in eval mode: its shapes without memory or arithmetic."""
+    kwargs = {"gate": "eager"} if args.arch.startswith("scnet") else {}
+    with torch.device("meta"):
+        return scconv.create_model(args.arch, num_classes=args.num_classes, **kwargs).eval()
+
+
+def check_image_size(model: nn.Module, args: argparse.Namespace) -> None:
     min_size = getattr(model, "min_input_size", None)
     if min_size is not None and args.image_size < min_size:
         raise UsageError(
             f"--image-size {args.image_size} is too small for {args.arch}: its stage-4 maps "
             f"must stay at least pooling_r wide (needs >= {min_size})"
         )
-    return model
+
+
+def min_train_batch(model: nn.Module, image_size: int) -> int:
+    """Fewest images per process that can train ``model`` (on the meta device: ``shape_model``)
+    on ``image_size`` px: 2 where some BatchNorm would see one value per channel for one image,
+    which training mode refuses (an SCNet's k2 branch pools layer4's map to 1x1 up to 224 px),
+    else 1."""
+    values_per_channel = []
+
+    def note(module, inputs):
+        values_per_channel.append(inputs[0].numel() // inputs[0].shape[1])
+
+    hooks = [
+        module.register_forward_pre_hook(note)
+        for module in model.modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+    ]
+    with torch.no_grad():
+        model(torch.empty(1, 3, image_size, image_size, device="meta"))
+    for hook in hooks:
+        hook.remove()
+    return 2 if min(values_per_channel, default=2) == 1 else 1
+
+
+def last_batch_size(images: int, per_process: int, launch: Launch) -> int:
+    """Images in each process's last training batch of an epoch of ``images`` images."""
+    if launch.distributed:  # DistributedSampler pads every rank's share to the same size
+        images = math.ceil(images / launch.world_size)
+    return images % per_process or per_process
+
+
+def check_model_fits(args: argparse.Namespace, launch: Launch) -> None:
+    """The image size and each process's batch fit the model (before any process is spawned)."""
+    per_process = images_per_process(args, launch)
+    model = shape_model(args)
+    check_image_size(model, args)
+    if args.evaluate:
+        return
+    least = min_train_batch(model, args.image_size)
+    if per_process < least:
+        split = f" over {launch.procs_on_node} processes" if launch.procs_on_node > 1 else ""
+        raise UsageError(
+            f"--batch-size {args.batch_size}{split} gives {per_process} image per process, but "
+            f"training {args.arch} at --image-size {args.image_size} needs at least {least}: "
+            "a BatchNorm of its k2 branch would see one value per channel"
+        )
 
 
 def _loopback_rendezvous(url: str) -> bool:
@@ -855,12 +928,7 @@ def _run(args, launch: Launch, rank: int, device: torch.device, checkpoint) -> N
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
 
-    per_process_batch = args.batch_size // launch.procs_on_node
-    if per_process_batch < 1:
-        raise UsageError(
-            f"--batch-size {args.batch_size} is smaller than the {launch.procs_on_node} "
-            "processes on this node (it is the total over the node)"
-        )
+    per_process_batch = images_per_process(args, launch)
     workers = (args.workers + launch.procs_on_node - 1) // launch.procs_on_node
 
     criterion = nn.CrossEntropyLoss().to(device)
@@ -910,6 +978,15 @@ def _run(args, launch: Launch, rank: int, device: torch.device, checkpoint) -> N
         train_set, val_set = scdata.dummy_datasets(args.image_size, args.num_classes, args.evaluate)
     else:
         train_set, val_set = scdata.image_folder_datasets(args.data, args.image_size, args.evaluate)
+    drop_last = False
+    if train_set is not None:
+        last = last_batch_size(len(train_set), per_process_batch, launch)
+        drop_last = last < min_train_batch(shape_model(args), args.image_size)
+        if drop_last:
+            log(
+                f"=> the last training batch of each epoch would hold {last} image, which cannot "
+                f"train {args.arch} (BatchNorm would see one value per channel): it is left out"
+            )
     train_loader, train_sampler, val_loader = scdata.make_loaders(
         train_set,
         val_set,
@@ -919,6 +996,7 @@ def _run(args, launch: Launch, rank: int, device: torch.device, checkpoint) -> N
         rank,
         launch.world_size,
         pin_memory=launch.use_cuda,
+        drop_last=drop_last,
     )
     ctx = Context(args, launch, rank, device, log)
     if launch.distributed:
@@ -936,7 +1014,12 @@ def _run(args, launch: Launch, rank: int, device: torch.device, checkpoint) -> N
 
     metrics_path = os.path.join(args.output, METRICS_NAME)
     if is_main:
-        os.makedirs(args.output, exist_ok=True)
+        try:
+            os.makedirs(args.output, exist_ok=True)
+        except OSError as error:
+            raise UsageError(
+                f"--output {args.output!r}: cannot create the folder ({error.strerror})"
+            ) from None
         log.path = os.path.join(args.output, LOG_NAME)
         _rewrite_metrics(metrics_path, start_epoch if args.resume else 0)
     if start_epoch >= args.epochs:
@@ -998,7 +1081,7 @@ def _run(args, launch: Launch, rank: int, device: torch.device, checkpoint) -> N
             save_checkpoint(state, is_best, args.output)
             _append_metrics(metrics_path, record)
         log(
-            f"Epoch {epoch}/{args.epochs - 1} done in {seconds:.1f} s "
+            f"Epoch {epoch} ({epoch + 1} of {args.epochs}) done in {seconds:.1f} s "
             f"({record['images_per_second']:.1f} img/s, lr {lr:.4g}): "
             f"train loss {record['train_loss']:.4f} Acc@1 {record['train_acc1']:.2f} "
             f"Acc@5 {record['train_acc5']:.2f} | val loss {val['loss']:.4f} "
@@ -1021,6 +1104,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         checkpoint = check_args(args, parser)
         launch = plan_launch(args)
+        check_model_fits(args, launch)
     except UsageError as error:
         parser.error(str(error))
 

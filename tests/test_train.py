@@ -373,6 +373,14 @@ BAD_INPUTS = [
     (["{good}", "--pretrained", "{missing}"], "no weights file"),
     (["{good}", "--amp", "fp8"], "invalid choice: 'fp8'"),
     (["{good}", "--epochs", "-1"], "--epochs must be at least 0"),
+    (["{good}", "--lr", "-1"], "--lr must be at least 0"),
+    (["{good}", "--output", "{garbage}"], "exists and is not a folder"),
+    # One image per process: an SCNet's k2 BatchNorm would see one value per channel.
+    (["{good}", "-b", "1"], "gives 1 image per process, but training scnet50"),
+    (
+        ["{good}", "-b", "3", "--multiprocessing-distributed", "--nproc-per-node", "2"],
+        "--batch-size 3 over 2 processes gives 1 image per process",
+    ),
 ]
 
 
@@ -406,6 +414,41 @@ def test_image_size_too_small(two_classes, tmp_path, capsys, monkeypatch):
     assert exit_info.value.code == 2
     assert "--image-size 64 is too small for scnet50" in capsys.readouterr().err
     assert not out.exists()  # a rejected run leaves no output folder behind
+
+
+def test_least_train_batch_follows_the_models_shapes():
+    """2 where a BatchNorm sees one value per channel for one image (SCNet's k2 at layer4 up to
+    224 px: layer4's map is 7x7, pooled by 4; 8x8 at 225), 1 for ResNets."""
+
+    def least(arch, size):
+        args = argparse.Namespace(arch=arch, num_classes=10, image_size=size)
+        return train.min_train_batch(train.shape_model(args), size)
+
+    assert [least("scnet50", size) for size in (97, 224, 225)] == [2, 2, 1]
+    assert least("scnet101_v1d", 224) == 2 and least("resnet50", 64) == 1
+
+
+@pytest.mark.parametrize("images", [6, 7, 8, 9])
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_last_batch_size_matches_the_loader(images, world_size):
+    """What ``last_batch_size`` predicts is what DataLoader and DistributedSampler give."""
+    launch = train.Launch(world_size > 1, world_size, 0, 0, 1, None, None, None, False)
+    for rank in range(world_size):
+        sampler = None
+        if world_size > 1:
+            sampler = torch.utils.data.DistributedSampler(range(images), world_size, rank)
+        batches = list(torch.utils.data.DataLoader(range(images), batch_size=2, sampler=sampler))
+        assert len(batches[-1]) == train.last_batch_size(images, 2, launch)
+
+
+def test_a_last_batch_of_one_image_is_left_out(two_classes, tmp_path, capsys, monkeypatch):
+    """8 training images at -b 7: the second batch would hold one image, which SCNet-50 cannot
+    train on (it stopped the run with BatchNorm's ValueError before)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "out"
+    train.main([str(two_classes), *SMALL_RUN, "-b", "7", "--epochs", "1", "--output", str(out)])
+    assert "last training batch of each epoch would hold 1 image" in capsys.readouterr().out
+    assert read_metrics(out)[0]["train_images"] == 7
 
 
 def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
@@ -533,7 +576,7 @@ def test_progress_lines_and_checkpoint_contents(resumed):
         batch_lines[0],
     ), batch_lines[0]
     assert re.search(r"^ \* Acc@1 [\d.]+ Acc@5 [\d.]+$", first, re.M)
-    assert re.search(r"^Epoch 0/0 done in", first, re.M)
+    assert re.search(r"^Epoch 0 \(1 of 1\) done in", first, re.M)
     assert after_first["epoch"] == 1 and after_first["arch"] == "scnet50"
     assert after_first["gate"] == "auto" and after_first["num_classes"] == 2
     for key in ("state_dict", "optimizer", "scheduler", "scaler", "best_acc1", "args", "rng"):
