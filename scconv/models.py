@@ -1,6 +1,9 @@
 """SCNet models (official parameter names), the ResNet baselines, and checkpoint loading."""
 
 import os
+import pickle
+import re
+import zipfile
 from collections.abc import Callable, Mapping
 
 import torch
@@ -243,6 +246,29 @@ def _extract_state_dict(checkpoint) -> Mapping[str, torch.Tensor]:
     return state
 
 
+def unreadable_checkpoint_reason(path: str, error: Exception) -> str:
+    """Why ``torch.load(path, weights_only=True)`` raised ``error``, in words for the user
+    (torch's own messages suggest ``weights_only=False`` even for a file that is no checkpoint)."""
+    if os.path.getsize(path) == 0:
+        return "the file is empty"
+    with open(path, "rb") as file:
+        head = file.read(2)
+    if not zipfile.is_zipfile(path):
+        if head == b"PK":
+            return "a damaged or truncated torch.save archive (no zip central directory)"
+        if head[:1] != b"\x80":  # neither torch.save's zip nor its legacy pickle format
+            return "not a file written by torch.save"
+    if isinstance(error, pickle.UnpicklingError):
+        # The first sentence after torch's advice names the refused object.
+        detail = re.search(r"WeightsUnpickler error:\s*([^\n]+?\.)(\s|$)", str(error))
+        return (
+            "it holds Python objects that weights-only loading refuses; scconv reads only "
+            "tensors and plain containers" + (f" ({detail[1]})" if detail else "")
+        )
+    first_line = str(error).split("\n", 1)[0]
+    return f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
+
+
 def _read_checkpoint(source: str | os.PathLike, name: str):
     if source == "official":
         if name not in OFFICIAL_URLS:
@@ -251,7 +277,12 @@ def _read_checkpoint(source: str | os.PathLike, name: str):
             )
         source = OFFICIAL_URLS[name]
     if source.startswith(("http://", "https://")):
-        return torch.hub.load_state_dict_from_url(source, map_location="cpu", check_hash=True)
+        try:
+            return torch.hub.load_state_dict_from_url(source, map_location="cpu", check_hash=True)
+        except OSError as error:  # urllib's URLError and HTTPError are OSErrors
+            reason = getattr(error, "reason", None) or error
+            message = f"cannot download the checkpoint of {name} from {source}: {reason}"
+            raise OSError(message) from error
     if os.path.isdir(source):
         raise IsADirectoryError(f"checkpoint {source!r} is a directory, not a checkpoint file")
     if not os.path.isfile(source):
@@ -259,7 +290,8 @@ def _read_checkpoint(source: str | os.PathLike, name: str):
     try:
         return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ValueError(f"{source!r} is not a readable torch checkpoint: {error}") from error
+        reason = unreadable_checkpoint_reason(source, error)
+        raise ValueError(f"{source!r} is not a readable torch checkpoint: {reason}") from error
 
 
 def load_weights(model: nn.Module, source, name: str | None = None) -> nn.Module:

@@ -404,7 +404,8 @@ def read_checkpoint(path: str, arch: str | None = None) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # any unreadable file gets the same user-facing message
-        raise UsageError(f"--resume: cannot read {path!r} as a checkpoint ({error})") from None
+        reason = scconv.models.unreadable_checkpoint_reason(path, error)
+        raise UsageError(f"--resume: cannot read {path!r} as a checkpoint ({reason})") from None
     missing = [
         key
         for key in ("state_dict", "arch", "epoch", "optimizer")

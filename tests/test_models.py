@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import urllib.error
 
 import pytest
 import torch
@@ -192,6 +193,19 @@ def test_checkpoint_errors_name_model_and_keys(tmp_path, trained_like_scnet):
         scconv.load_weights(scconv.scnet50_v1d(num_classes=7), trained_like_scnet.state_dict())
 
 
+class _NotATensor:
+    pass
+
+
+def test_official_weights_without_network_name_the_url(monkeypatch):
+    def offline(url, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(OSError, match=r"cannot download the checkpoint of scnet50 from https://"):
+        scconv.scnet50(weights="official")
+
+
 def test_bad_checkpoint_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         scconv.scnet50(weights=str(tmp_path / "nope.pth"))
@@ -201,8 +215,24 @@ def test_bad_checkpoint_files(tmp_path):
         scconv.scnet50(weights=tmp_path)
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"this is not a checkpoint\x00\x01")
-    with pytest.raises(ValueError, match="junk.pth.*not a readable torch checkpoint"):
+    with pytest.raises(ValueError, match="junk.pth.*not a readable torch checkpoint: not a file"):
         scconv.scnet50(weights=str(junk))
+    # Each unreadable file says why, never torch's advice to load with weights_only=False.
+    empty = tmp_path / "empty.pth"
+    empty.touch()
+    truncated = tmp_path / "truncated.pth"
+    torch.save({"w": torch.ones(8)}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    pickled_object = tmp_path / "object.pth"
+    torch.save({"w": _NotATensor()}, pickled_object)
+    for path, reason in [
+        (empty, "the file is empty"),
+        (truncated, "a damaged or truncated torch.save archive"),
+        (pickled_object, "it holds Python objects that weights-only loading refuses.*_NotATensor"),
+    ]:
+        with pytest.raises(ValueError, match=f"not a readable torch checkpoint: {reason}") as info:
+            scconv.scnet50(weights=str(path))
+        assert "weights_only` set to `False`" not in str(info.value)
     no_tensors = tmp_path / "meta.pth"
     torch.save({"epoch": 3}, no_tensors)
     with pytest.raises(ValueError, match="scnet50: checkpoint holds no state dict"):
