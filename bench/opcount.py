@@ -169,10 +169,14 @@ def main(argv=None) -> None:
         parser.error(f"unknown model(s) {', '.join(unknown)}; available: {', '.join(known)}")
     if args.size < 1 or args.batch < 1:
         parser.error("--size and --batch must be positive")
-    if args.breakdown:
-        table = breakdown(args.breakdown, args.size, args.batch, args.device)
-    else:
-        table = op_count_table(args.names or DEFAULT_MODELS, args.size, args.batch, args.device)
+    try:
+        if args.breakdown:
+            table = breakdown(args.breakdown, args.size, args.batch, args.device)
+        else:
+            names = args.names or DEFAULT_MODELS
+            table = op_count_table(names, args.size, args.batch, args.device)
+    except ValueError as error:  # e.g. an input too small for an SCNet, naming the least size
+        parser.error(str(error))
     print(table.to_string(index=False))
 
 

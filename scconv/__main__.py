@@ -19,12 +19,17 @@ def main(argv=None) -> None:
 
     unknown = [n for n in args.names if n not in list_models()]
     if unknown:
-        parser.error(
+        summary.error(
             f"unknown model(s) {', '.join(unknown)}; available: {', '.join(list_models())}"
         )
+    if args.size < 1:
+        summary.error(f"--size must be positive, got {args.size}")
     from scconv.summary import summary as summarize
 
-    table = summarize(args.names, args.size)
+    try:
+        table = summarize(args.names, args.size)
+    except ValueError as error:  # e.g. an input too small for an SCNet, naming the least size
+        summary.error(str(error))
     print(
         table.to_string(
             index=False, formatters={"params_M": "{:.2f}".format, "GMACs": "{:.2f}".format}

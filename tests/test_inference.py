@@ -532,6 +532,10 @@ def test_opcount_cli(capsys):
     assert "aten.native_batch_norm.default" in out and "scconv.add_relu_.default" in out
     with pytest.raises(SystemExit):
         opcount.main(["resnet18"])
+    with pytest.raises(SystemExit) as exit_info:
+        opcount.main(["scnet50", "--size", "64"])  # a usage error, not a traceback
+    assert exit_info.value.code == 2
+    assert "smallest input that works is 97x97" in capsys.readouterr().err
 
 
 def test_deepcopy_keeps_fused_model_working(perturb_batchnorm):

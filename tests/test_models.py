@@ -330,5 +330,13 @@ def test_summary_cli(capsys):
     main(["summary", "scnet50", "resnet50"])
     out = capsys.readouterr().out
     assert "scnet50" in out and "25.56" in out and "3.93" in out and "4.09" in out
-    with pytest.raises(SystemExit):
-        main(["summary", "resnet18"])
+    for argv, message in [
+        (["summary", "resnet18"], "unknown model(s) resnet18"),
+        (["summary", "scnet50", "--size", "96"], "the smallest input that works is 97x97"),
+        (["summary", "--size", "0"], "--size must be positive"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "python -m scconv summary: error:" in err, argv
+        assert message in err, err
