@@ -49,6 +49,19 @@ DEADLINE_S=$(( 10#$DEADLINE_S ))  # no octal reading of a leading zero
 # What is left of the deadline now ($SECONDS: seconds since this script started), at least 1 s.
 deadline_left() { local left=$(( DEADLINE_S - SECONDS )); echo $(( left > 0 ? left : 1 )); }
 
+# Nothing is installed here: name what $PY lacks before anything starts.
+NEEDED="torch triton torchvision pandas matplotlib"
+if ! MISSING="$("$PY" -c 'import importlib.util, sys
+print(" ".join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))' $NEEDED)"; then
+    echo "bench/gpu.sh: cannot run '$PY' (set PYTHON to a Python with $NEEDED)" >&2
+    exit 2
+fi
+if [[ -n "$MISSING" ]]; then
+    echo "bench/gpu.sh: '$PY' has no $MISSING; set PYTHON to a Python with $NEEDED" \
+         "(e.g. PYTHON=.venv/bin/python after 'make install')" >&2
+    exit 2
+fi
+
 if [[ "$DRY_RUN" == 1 ]]; then
     OUT="${OUT:-${TMPDIR:-/tmp}/scconv-bench-dry-run}"
     mkdir -p "$OUT"

@@ -1007,8 +1007,8 @@ def test_a_stage_that_ignores_sigterm_is_killed(tmp_path, slow_stage, monkeypatc
 # bench/gpu.sh
 
 
-def _gpu_sh(*args, timeout=600):
-    env = {**os.environ, "PYTHON": sys.executable}
+def _gpu_sh(*args, timeout=600, python=sys.executable):
+    env = {**os.environ, "PYTHON": python}
     env.pop("TRITON_INTERPRET", None)  # each stage decides for itself, as on a user's shell
     return subprocess.run(
         ["bash", str(REPO / "bench" / "gpu.sh"), *args],
@@ -1025,6 +1025,19 @@ def test_gpu_sh_without_a_gpu_says_what_to_do(tmp_path):
     result = _gpu_sh(str(tmp_path / "out"))
     assert result.returncode == 2
     assert "no CUDA GPU" in result.stderr and "--dry-run" in result.stderr
+
+
+def test_gpu_sh_names_what_its_python_lacks(tmp_path):
+    bare = tmp_path / "bare-python"  # this Python without site-packages: no torch, no pandas
+    bare.write_text(f'#!/bin/sh\nexec "{sys.executable}" -I -S "$@"\n')
+    bare.chmod(0o755)
+    for args in ([str(tmp_path / "out")], [str(tmp_path / "out"), "--dry-run"]):
+        result = _gpu_sh(*args, python=str(bare))
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert "has no torch triton torchvision pandas matplotlib; set PYTHON" in result.stderr
+    result = _gpu_sh(str(tmp_path / "out"), python=str(tmp_path / "no-such-python"))
+    assert result.returncode == 2 and "cannot run" in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_gpu_sh_rejects_unknown_options():
