@@ -315,8 +315,11 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if not Path(args.out_dir).is_dir():
         parser.error(f"{args.out_dir} is not a directory")
-    for path in plot_all(args.out_dir):
+    written = plot_all(args.out_dir)
+    for path in written:
         print(f"wrote {path}")
+    if not written:
+        print(f"no plots: {args.out_dir} holds none of the benchmark CSVs they are drawn from")
 
 
 if __name__ == "__main__":

@@ -385,6 +385,8 @@ def main(argv=None) -> None:
         "--markdown", action="store_true", help="print the README's tables (Markdown) instead"
     )
     args = parser.parse_args(argv)
+    if not Path(args.out_dir).is_dir():
+        parser.error(f"{args.out_dir} is not a directory")
     print(readme_tables(args.out_dir) if args.markdown else summarize(args.out_dir))
 
 

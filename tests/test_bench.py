@@ -765,6 +765,15 @@ def test_summary_reports_the_whole_network_gating_and_ratios(tmp_path):
     assert "no results found" in summary.summarize(tmp_path / "empty")
 
 
+def test_summary_and_plots_cli_on_missing_or_empty_folders(tmp_path, capsys):
+    for main in (summary.main, plots.main):
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(tmp_path / "missing")])
+        assert exit_info.value.code == 2 and "missing is not a directory" in capsys.readouterr().err
+    plots.main([str(tmp_path)])  # an empty folder: says so instead of printing nothing
+    assert "no plots" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("log", "expected"),
     [
