@@ -15,6 +15,8 @@ from kernels import runtime as _runtime
 
 _runtime.configure_interpreter()
 
+import torch  # noqa: E402
+
 from kernels.reference import sc_gate_reference  # noqa: E402
 
 __all__ = ["sc_gate", "sc_gate_reference"]
@@ -32,6 +34,9 @@ def sc_gate(x, k2, k3):
     Returns:
         (N, C, H, W) tensor in x's dtype and memory format; gradients flow to x, k2 and k3.
     """
+    for name, t in (("x", x), ("k2", k2), ("k3", k3)):
+        if not isinstance(t, torch.Tensor):  # before the op's schema check, which prints t
+            raise TypeError(f"sc_gate: {name} must be a torch.Tensor, got {type(t).__name__}")
     from kernels.op import sc_gate_op  # triton is imported here, on first use
 
     return sc_gate_op(x, k2, k3)

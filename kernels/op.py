@@ -10,7 +10,8 @@ traces both directions without graph breaks. Autograd saves only x, k2 and k3.
 
 ``torch.library.custom_op`` is used rather than ``triton_op``/``wrap_triton``: the latter hands
 fake tensors to Triton's interpreter on CPU-only machines, which then fails reading data pointers.
-Double backward is not supported (the backward op has no autograd formula).
+Double backward is not supported: differentiating the backward op raises a RuntimeError that
+says so.
 """
 
 import torch
@@ -53,6 +54,17 @@ def _backward(ctx, grad_out):
 
 
 sc_gate_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "sc_gate: double backward (gradients of gradients, create_graph=True) is not supported "
+        "by the fused kernels; use the eager gating (gate='eager') for it"
+    )
+
+
+# Without a formula, autograd would fail with a generic "autograd not implemented" message.
+sc_gate_backward_op.register_autograd(_no_double_backward)
 
 
 def sc_gate(x: torch.Tensor, k2: torch.Tensor, k3: torch.Tensor) -> torch.Tensor:

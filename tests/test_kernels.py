@@ -13,6 +13,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -415,6 +416,18 @@ def test_zero_sized_k2_raises():
 def test_non_tensor_raises():
     with pytest.raises(TypeError, match="numpy|ndarray|list"):
         gate.gate_forward([[1.0]], torch.ones(1, 1, 1, 1), torch.ones(1, 1, 1, 1))
+    array = np.ones((1, 1, 4, 4), dtype=np.float32)
+    with pytest.raises(TypeError, match="sc_gate: k3 must be a torch.Tensor, got ndarray"):
+        kernels.sc_gate(torch.ones(1, 1, 4, 4), torch.ones(1, 1, 2, 2), array)
+
+
+def test_double_backward_raises_a_clear_error():
+    x, k2, k3, grad = make_inputs(1, 2, 4, 4, 2, 2)
+    inputs = [t.requires_grad_() for t in (x, k2, k3)]
+    out = kernels.sc_gate(*inputs)
+    grads = torch.autograd.grad(out, inputs, grad, create_graph=True)
+    with pytest.raises(RuntimeError, match="sc_gate: double backward .* is not supported"):
+        grads[0].sum().backward()
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a second device type")
