@@ -8,8 +8,9 @@ With a CUDA GPU (full suite, see ``bench/gpu.sh``):
 Without one (CPU mode, labelled as such in every CSV row, plot title and the summary):
     model summary -> check through Triton's interpreter (correctness only, never timed) ->
     gating (eager and torch.compile, batch 1, fp32) -> models (parameters and GMACs, then eager
-    at 128 px, batch 2, and torch.compile inference of SCNet-50 and ResNet-50) -> plots ->
-    summary. One torch thread per stage unless ``--threads`` says otherwise.
+    and ``scconv.optimize_for_inference`` at 128 px, batch 2, torch.compile inference of SCNet-50
+    and ResNet-50, the per-op breakdown and ATen op counts) -> plots -> summary. One torch
+    thread per stage unless ``--threads`` says otherwise.
 ``--dry-run`` runs every stage on tiny inputs on the CPU (minutes -> seconds): a plumbing check
 (its tests stage only collects the tests).
 
