@@ -63,7 +63,13 @@ def execute(path: str | Path, save: bool = False, timeout_s: int = 600):
         }
         (spec_dir / "kernel.json").write_text(json.dumps(spec))
         specs = KernelSpecManager(kernel_dirs=[kernels_dir])
-        manager = KernelManager(kernel_name=KERNEL_NAME, kernel_spec_manager=specs)
+        # The connection file goes in the temporary directory too: by default jupyter_client
+        # writes it to /tmp/tmpXXXX.json, and it stayed there after every run.
+        manager = KernelManager(
+            kernel_name=KERNEL_NAME,
+            kernel_spec_manager=specs,
+            connection_file=str(Path(kernels_dir) / "connection.json"),
+        )
         client = NotebookClient(
             notebook,
             km=manager,

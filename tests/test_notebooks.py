@@ -7,6 +7,7 @@ nothing is written back.
 """
 
 import os
+import tempfile
 
 import pytest
 
@@ -41,6 +42,20 @@ def test_a_failing_cell_fails_the_run(tmp_path):
     nbformat.write(notebook, broken)
     with pytest.raises(CellExecutionError, match="ZeroDivisionError"):
         notebooks.execute(broken)
+
+
+def test_a_run_leaves_no_files_behind(tmp_path, monkeypatch):
+    """Kernel spec and connection file live in a temporary directory that goes with the run
+    (jupyter_client's default connection file, /tmp/tmpXXXX.json, stayed after every run)."""
+    import nbformat
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    small = tmp_path / "small.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("1 + 1")]), small)
+    notebooks.execute(small)
+    assert list(scratch.iterdir()) == []
 
 
 def _stdout(notebook) -> str:
