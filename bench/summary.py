@@ -163,7 +163,8 @@ def summarize(out_dir) -> str:
             for column in ("provider", "batch", "dtype", "layout")
         )
         lines.append(f"gating: {len(gating)} measurements ({grid}); gating.csv")
-        lines.append(f"SCNet-50 gating, whole network (sum over its {gates} gates; {label}):")
+        gates_text = f"{gates} gate" + ("s" if gates != 1 else "")
+        lines.append(f"SCNet-50 gating, whole network (sum over its {gates_text}; {label}):")
         network = network_gating(gating)
         if network.empty:
             lines.append("  (not every gating shape was measured)")
