@@ -31,6 +31,12 @@ _PYTEST_RESULT = re.compile(rf"^=* ?(?P<result>(?:no tests ran|{_PYTEST_COUNT}"
                             rf"(?:, {_PYTEST_COUNT})*) in [0-9.]+s\b.*?) ?=*$")  # fmt: skip
 
 
+# A model measurement whose p20-p80 range is wider than this fraction of its median is marked
+# noisy: on a shared CPU machine one such run gave SCNet-50 1.76x ResNet-50 where quiet runs gave
+# 1.05x.
+NOISY_SPREAD = 0.2
+
+
 def test_result(out_dir) -> str | None:
     """One line on the tests stage's ``pytest.log`` in ``out_dir`` (None when there is none)."""
     path = Path(out_dir) / "pytest.log"
@@ -200,15 +206,31 @@ def summarize(out_dir) -> str:
         lines.append(f"models ({label}); ratio = SCNet time / ResNet time, same settings:")
         lines.append(
             f"  {'model':<22} {'regime':<14} {'task':<10} {'batch':>5} {'img/s':>9} {'ratio':>6}"
+            f" {'spread':>7}"
         )
+        noisy = 0
         for _, row in subset.iterrows():
             name = variant_label(row)
             ratio = row.get("time_ratio_vs_resnet")
             ratio = f"{ratio:6.2f}" if pd.notna(ratio) else "     -"
+            spread = (row["ms_p80"] - row["ms_p20"]) / row["ms"] if "ms_p80" in row else None
+            mark = ""
+            if spread is not None and pd.notna(spread):
+                mark = f" {spread:6.0%}" + ("  <-- noisy" if spread > NOISY_SPREAD else "")
+                noisy += spread > NOISY_SPREAD
             lines.append(
                 f"  {name:<22} {row['regime']:<14} {row['task']:<10} {int(row['batch']):>5} "
-                f"{row['img_per_s']:9.1f} {ratio}"
+                f"{row['img_per_s']:9.1f} {ratio}{mark}"
             )
+        lines.append(
+            "  spread = (p80 - p20) / median time"
+            + (
+                f"; {noisy} above {NOISY_SPREAD:.0%}: the machine was busy, so their ratios "
+                "may be off by more than that (run again on a quiet machine)"
+                if noisy
+                else ""
+            )
+        )
         others = len(models) - len(subset)
         if others:
             lines.append(f"  (+{others} rows at other precisions/layouts in models.csv)")

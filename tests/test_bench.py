@@ -763,6 +763,20 @@ def test_summary_reports_the_whole_network_gating_and_ratios(tmp_path):
     assert "3.00x vs eager" in text
     assert "scnet50 [eager]" in text and "1.20" in text
     assert "no results found" in summary.summarize(tmp_path / "empty")
+    assert "noisy" not in text  # p20 = p80 = median
+
+
+def test_summary_marks_noisy_model_measurements(tmp_path):
+    _synthetic_results(tmp_path)
+    frame = pd.read_csv(tmp_path / "models.csv")
+    noisy = (frame["model"] == "scnet50") & (frame["task"] == "train")
+    noisy &= frame["regime"] == "eager"
+    frame.loc[noisy, "ms_p80"] = frame.loc[noisy, "ms"] * 1.3  # p20-p80 spans 30 % of the median
+    frame.to_csv(tmp_path / "models.csv", index=False)
+    text = summary.summarize(tmp_path)
+    marked = [line for line in text.splitlines() if line.endswith("<-- noisy")]
+    assert len(marked) == 1 and "scnet50" in marked[0] and "train" in marked[0], text
+    assert "30%  <-- noisy" in marked[0] and "1 above 20%" in text
 
 
 def test_summary_and_plots_cli_on_missing_or_empty_folders(tmp_path, capsys):
