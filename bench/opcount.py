@@ -37,6 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import scconv
 from scconv.inference import optimize_for_inference
+from scconv.models import InputTooSmallError
 
 _ALLOCATIONS = frozenset(
     (
@@ -175,7 +176,7 @@ def main(argv=None) -> None:
         else:
             names = args.names or DEFAULT_MODELS
             table = op_count_table(names, args.size, args.batch, args.device)
-    except ValueError as error:  # e.g. an input too small for an SCNet, naming the least size
+    except InputTooSmallError as error:  # names the smallest size that works
         parser.error(str(error))
     print(table.to_string(index=False))
 

@@ -63,7 +63,8 @@ def _no_double_backward(ctx, *grads):
     )
 
 
-# Without a formula, autograd would fail with a generic "autograd not implemented" message.
+# Without a formula autograd says "no autograd formula was registered", which tells a user
+# neither that double backward is unsupported nor what to use instead.
 sc_gate_backward_op.register_autograd(_no_double_backward)
 
 

@@ -2,7 +2,7 @@
 
 import argparse
 
-from scconv.models import list_models
+from scconv.models import InputTooSmallError, list_models
 
 
 def main(argv=None) -> None:
@@ -28,7 +28,7 @@ def main(argv=None) -> None:
 
     try:
         table = summarize(args.names, args.size)
-    except ValueError as error:  # e.g. an input too small for an SCNet, naming the least size
+    except InputTooSmallError as error:  # names the smallest size that works
         summary.error(str(error))
     print(
         table.to_string(

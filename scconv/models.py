@@ -3,6 +3,7 @@
 import os
 import pickle
 import re
+import urllib.error
 import zipfile
 from collections.abc import Callable, Mapping
 
@@ -19,6 +20,10 @@ OFFICIAL_URLS = {
     "scnet50_v1d": "https://backseason.oss-cn-beijing.aliyuncs.com/scnet/scnet50_v1d-4109d1e1.pth",
     "scnet101": "https://backseason.oss-cn-beijing.aliyuncs.com/scnet/scnet101-44c5b751.pth",
 }
+
+
+class InputTooSmallError(ValueError):
+    """An input too small for an SCNet; the message names the smallest size that works."""
 
 
 class SCNet(nn.Module):
@@ -162,7 +167,7 @@ class SCNet(nn.Module):
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"SCNet expects images of shape (N, 3, H, W), got {tuple(x.shape)}")
         if min(x.shape[-2:]) < self.min_input_size:
-            raise ValueError(
+            raise InputTooSmallError(
                 f"input of {x.shape[-2]}x{x.shape[-1]} pixels is too small for this SCNet: a "
                 f"stage's feature map would be smaller than SC-Conv's pooling_r; the smallest "
                 f"input that works is {self.min_input_size}x{self.min_input_size}"
@@ -279,8 +284,8 @@ def _read_checkpoint(source: str | os.PathLike, name: str):
     if source.startswith(("http://", "https://")):
         try:
             return torch.hub.load_state_dict_from_url(source, map_location="cpu", check_hash=True)
-        except OSError as error:  # urllib's URLError and HTTPError are OSErrors
-            reason = getattr(error, "reason", None) or error
+        except urllib.error.URLError as error:  # no network, DNS, HTTP status: not a cache error
+            reason = error if isinstance(error, urllib.error.HTTPError) else error.reason
             message = f"cannot download the checkpoint of {name} from {source}: {reason}"
             raise OSError(message) from error
     if os.path.isdir(source):

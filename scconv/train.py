@@ -18,6 +18,7 @@ truncated file. They hold ``state_dict`` (so :func:`scconv.load_weights` reads t
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -424,6 +425,20 @@ def read_checkpoint(path: str, arch: str | None = None) -> dict:
     return checkpoint
 
 
+def check_output_folder(path: str) -> None:
+    """``--output`` is a folder, or can be made in one, that this user may write to (checked
+    before anything is spawned: rank 0 creates it only after the model and data are built)."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        if existing == os.path.abspath(path):
+            raise UsageError(f"--output {path!r} exists and is not a folder")
+        raise UsageError(f"--output {path!r} cannot be created: {existing!r} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--output {path!r}: no permission to write in {existing!r}")
+
+
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict | None:
     """Validate everything that does not need a model; fills in resolved defaults.
 
@@ -502,8 +517,8 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dic
 
     if args.output is None:
         args.output = os.path.join("runs", args.arch)
-    if not args.evaluate and os.path.exists(args.output) and not os.path.isdir(args.output):
-        raise UsageError(f"--output {args.output!r} exists and is not a folder")
+    if not args.evaluate:
+        check_output_folder(args.output)
     return checkpoint
 
 
@@ -791,9 +806,10 @@ def images_per_process(args: argparse.Namespace, launch: Launch) -> int:
 
 def shape_model(args: argparse.Namespace) -> nn.Module:
     """``args.arch`` on the meta device, in eval mode: its shapes without memory or arithmetic."""
-    kwargs = {"gate": "eager"} if args.arch.startswith("scnet") else {}
+    # The eager gate whatever --gate says: shapes are the same, and the fused op is not needed.
+    gate = {"gate": "eager"} if args.arch.startswith("scnet") else {}
     with torch.device("meta"):
-        return scconv.create_model(args.arch, num_classes=args.num_classes, **kwargs).eval()
+        return scconv.create_model(args.arch, num_classes=args.num_classes, **gate).eval()
 
 
 def check_image_size(model: nn.Module, args: argparse.Namespace) -> None:
@@ -805,26 +821,46 @@ def check_image_size(model: nn.Module, args: argparse.Namespace) -> None:
         )
 
 
-def min_train_batch(model: nn.Module, image_size: int) -> int:
-    """Fewest images per process that can train ``model`` (on the meta device: ``shape_model``)
-    on ``image_size`` px: 2 where some BatchNorm would see one value per channel for one image,
-    which training mode refuses (an SCNet's k2 branch pools layer4's map to 1x1 up to 224 px),
-    else 1."""
-    values_per_channel = []
+def one_value_batchnorm(model: nn.Module, image_size: int) -> str | None:
+    """The first BatchNorm of ``model`` (on the meta device: ``shape_model``) that sees one value
+    per channel for one image of ``image_size`` px, or None. Training mode refuses such a batch:
+    an SCNet's k2 branch pools layer4's map to 1x1 up to 224 px (a ResNet's last maps are 1x1
+    only up to 32 px)."""
+    found = []
 
-    def note(module, inputs):
-        values_per_channel.append(inputs[0].numel() // inputs[0].shape[1])
+    def hook_for(name):
+        def note(module, inputs):
+            if inputs[0].numel() == inputs[0].shape[1] and not found:
+                found.append(name)
+
+        return note
 
     hooks = [
-        module.register_forward_pre_hook(note)
-        for module in model.modules()
+        module.register_forward_pre_hook(hook_for(name))
+        for name, module in model.named_modules()
         if isinstance(module, nn.modules.batchnorm._BatchNorm)
     ]
-    with torch.no_grad():
-        model(torch.empty(1, 3, image_size, image_size, device="meta"))
-    for hook in hooks:
-        hook.remove()
-    return 2 if min(values_per_channel, default=2) == 1 else 1
+    try:
+        with torch.no_grad():
+            model(torch.empty(1, 3, image_size, image_size, device="meta"))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return found[0] if found else None
+
+
+def min_train_batch(args: argparse.Namespace) -> tuple[int, str | None]:
+    """Fewest images a training batch of ``args.arch`` at ``args.image_size`` can hold (1 or 2),
+    and the BatchNorm that sets it (None for 1). Cached: main() and run() share one answer
+    in one process (~0.2 s each on the meta device otherwise)."""
+    return _min_train_batch(args.arch, args.num_classes, args.image_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _min_train_batch(arch: str, num_classes: int, image_size: int) -> tuple[int, str | None]:
+    model = shape_model(argparse.Namespace(arch=arch, num_classes=num_classes))
+    name = one_value_batchnorm(model, image_size)
+    return (2, name) if name else (1, None)
 
 
 def last_batch_size(images: int, per_process: int, launch: Launch) -> int:
@@ -837,17 +873,16 @@ def last_batch_size(images: int, per_process: int, launch: Launch) -> int:
 def check_model_fits(args: argparse.Namespace, launch: Launch) -> None:
     """The image size and each process's batch fit the model (before any process is spawned)."""
     per_process = images_per_process(args, launch)
-    model = shape_model(args)
-    check_image_size(model, args)
+    check_image_size(shape_model(args), args)
     if args.evaluate:
         return
-    least = min_train_batch(model, args.image_size)
+    least, batchnorm = min_train_batch(args)
     if per_process < least:
         split = f" over {launch.procs_on_node} processes" if launch.procs_on_node > 1 else ""
         raise UsageError(
             f"--batch-size {args.batch_size}{split} gives {per_process} image per process, but "
             f"training {args.arch} at --image-size {args.image_size} needs at least {least}: "
-            "a BatchNorm of its k2 branch would see one value per channel"
+            f"its BatchNorm {batchnorm} would see one value per channel"
         )
 
 
@@ -981,12 +1016,23 @@ def _run(args, launch: Launch, rank: int, device: torch.device, checkpoint) -> N
         train_set, val_set = scdata.image_folder_datasets(args.data, args.image_size, args.evaluate)
     drop_last = False
     if train_set is not None:
+        least, batchnorm = min_train_batch(args)
+        share = len(train_set)
+        if launch.distributed:  # DistributedSampler pads every rank's share to the same size
+            share = math.ceil(share / launch.world_size)
+        if share < least:  # every batch would be too small: nothing would train
+            raise UsageError(
+                f"the training set gives each process {share} image, but a training batch of "
+                f"{args.arch} needs at least {least} (its BatchNorm {batchnorm} would see one "
+                "value per channel)"
+            )
         last = last_batch_size(len(train_set), per_process_batch, launch)
-        drop_last = last < min_train_batch(shape_model(args), args.image_size)
+        drop_last = last < least
         if drop_last:
             log(
                 f"=> the last training batch of each epoch would hold {last} image, which cannot "
-                f"train {args.arch} (BatchNorm would see one value per channel): it is left out"
+                f"train {args.arch} (its BatchNorm {batchnorm} would see one value per channel): "
+                "it is left out"
             )
     train_loader, train_sampler, val_loader = scdata.make_loaders(
         train_set,

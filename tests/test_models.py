@@ -201,8 +201,14 @@ def test_official_weights_without_network_name_the_url(monkeypatch):
     def offline(url, **kwargs):
         raise urllib.error.URLError("Name or service not known")
 
+    def gone(url, **kwargs):
+        raise urllib.error.HTTPError(url, 404, "Not Found", None, None)
+
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    with pytest.raises(OSError, match=r"cannot download the checkpoint of scnet50 from https://"):
+    with pytest.raises(OSError, match=r"checkpoint of scnet50 from https://\S+: Name or service"):
+        scconv.scnet50(weights="official")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", gone)
+    with pytest.raises(OSError, match=r"from https://\S+: HTTP Error 404: Not Found"):
         scconv.scnet50(weights="official")
 
 

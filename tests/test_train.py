@@ -365,7 +365,7 @@ BAD_INPUTS = [
     (["{good}", "-a", "scnet9000"], "invalid choice: 'scnet9000'"),
     (["{good}", "--resume", "{missing}"], "no checkpoint found"),
     (["{good}", "--resume", "{other_arch}"], "holds a scnet101 checkpoint, not scnet50"),
-    (["{good}", "--resume", "{garbage}"], "cannot read"),
+    (["{good}", "--resume", "{garbage}"], "cannot read '{garbage}' as a checkpoint (not a file"),
     (["{good}", "--resume", "{bare}"], "not a scconv-train checkpoint"),
     (["{good}", "--num-classes", "1"], "has 2 classes but the model has 1 outputs"),
     (["{good}", "-a", "resnet50", "--gate", "eager"], "--gate applies to SCNets only"),
@@ -375,8 +375,9 @@ BAD_INPUTS = [
     (["{good}", "--epochs", "-1"], "--epochs must be at least 0"),
     (["{good}", "--lr", "-1"], "--lr must be at least 0"),
     (["{good}", "--output", "{garbage}"], "exists and is not a folder"),
+    (["{good}", "--output", "{garbage}/run1"], "cannot be created: '{garbage}' is not a folder"),
     # One image per process: an SCNet's k2 BatchNorm would see one value per channel.
-    (["{good}", "-b", "1"], "gives 1 image per process, but training scnet50"),
+    (["{good}", "-b", "1"], "needs at least 2: its BatchNorm layer4.1.scconv.k2.2 would see one"),
     (
         ["{good}", "-b", "3", "--multiprocessing-distributed", "--nproc-per-node", "2"],
         "--batch-size 3 over 2 processes gives 1 image per process",
@@ -389,6 +390,7 @@ def test_bad_input(argv, message, bad_inputs, capsys, monkeypatch):
     for name in LAUNCH_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     argv = [a.format(**bad_inputs) for a in argv]
+    message = message.format(**bad_inputs)
     with pytest.raises(SystemExit) as exit_info:
         train.main(argv)
     assert exit_info.value.code == 2
@@ -418,14 +420,15 @@ def test_image_size_too_small(two_classes, tmp_path, capsys, monkeypatch):
 
 def test_least_train_batch_follows_the_models_shapes():
     """2 where a BatchNorm sees one value per channel for one image (SCNet's k2 at layer4 up to
-    224 px: layer4's map is 7x7, pooled by 4; 8x8 at 225), 1 for ResNets."""
+    224 px: layer4's map is 7x7, pooled by 4; 8x8 at 225; a ResNet only up to 32 px), else 1."""
 
     def least(arch, size):
-        args = argparse.Namespace(arch=arch, num_classes=10, image_size=size)
-        return train.min_train_batch(train.shape_model(args), size)
+        return train.min_train_batch(argparse.Namespace(arch=arch, num_classes=10, image_size=size))
 
-    assert [least("scnet50", size) for size in (97, 224, 225)] == [2, 2, 1]
-    assert least("scnet101_v1d", 224) == 2 and least("resnet50", 64) == 1
+    assert least("scnet50", 224) == (2, "layer4.1.scconv.k2.2") and least("scnet50", 225)[0] == 1
+    assert least("scnet50", 97) == (2, "layer3.1.scconv.k2.2")  # layer3's k2 is 1x1 there too
+    assert least("scnet101_v1d", 224)[0] == 2 and least("resnet50", 64) == (1, None)
+    assert least("resnet50", 32) == (2, "layer4.0.bn2")  # not only SCNets: a 1x1 map at 32 px
 
 
 @pytest.mark.parametrize("images", [6, 7, 8, 9])
@@ -449,6 +452,21 @@ def test_a_last_batch_of_one_image_is_left_out(two_classes, tmp_path, capsys, mo
     train.main([str(two_classes), *SMALL_RUN, "-b", "7", "--epochs", "1", "--output", str(out)])
     assert "last training batch of each epoch would hold 1 image" in capsys.readouterr().out
     assert read_metrics(out)[0]["train_images"] == 7
+
+
+def test_a_training_set_too_small_for_one_batch_is_refused(tmp_path, capsys, monkeypatch):
+    """One training image cannot make one SCNet training batch: without this check every batch
+    was left out and the run "trained" zero steps and reported success."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    one = draw_image_folder(tmp_path / "one", ["blue_checks"], 1, 1)
+    argv = [str(one), "--image-size", IMAGE_SIZE, "-j", "0", "-b", "2", "--num-classes", "1"]
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*argv, "--output", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert (
+        "the training set gives each process 1 image, but a training batch of scnet50 needs "
+        "at least 2" in capsys.readouterr().err
+    )
 
 
 def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
