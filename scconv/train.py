@@ -863,11 +863,10 @@ def _min_train_batch(arch: str, num_classes: int, image_size: int) -> tuple[int,
     return (2, name) if name else (1, None)
 
 
-def last_batch_size(images: int, per_process: int, launch: Launch) -> int:
-    """Images in each process's last training batch of an epoch of ``images`` images."""
-    if launch.distributed:  # DistributedSampler pads every rank's share to the same size
-        images = math.ceil(images / launch.world_size)
-    return images % per_process or per_process
+def epoch_share(images: int, launch: Launch) -> int:
+    """Training images each process gets per epoch of ``images``: DistributedSampler pads every
+    rank's share to the same size."""
+    return math.ceil(images / launch.world_size) if launch.distributed else images
 
 
 def check_model_fits(args: argparse.Namespace, launch: Launch) -> None:
@@ -1017,16 +1016,14 @@ def _run(args, launch: Launch, rank: int, device: torch.device, checkpoint) -> N
     drop_last = False
     if train_set is not None:
         least, batchnorm = min_train_batch(args)
-        share = len(train_set)
-        if launch.distributed:  # DistributedSampler pads every rank's share to the same size
-            share = math.ceil(share / launch.world_size)
+        share = epoch_share(len(train_set), launch)
         if share < least:  # every batch would be too small: nothing would train
             raise UsageError(
                 f"the training set gives each process {share} image, but a training batch of "
                 f"{args.arch} needs at least {least} (its BatchNorm {batchnorm} would see one "
                 "value per channel)"
             )
-        last = last_batch_size(len(train_set), per_process_batch, launch)
+        last = share % per_process_batch or per_process_batch
         drop_last = last < least
         if drop_last:
             log(

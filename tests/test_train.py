@@ -433,15 +433,17 @@ def test_least_train_batch_follows_the_models_shapes():
 
 @pytest.mark.parametrize("images", [6, 7, 8, 9])
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_last_batch_size_matches_the_loader(images, world_size):
-    """What ``last_batch_size`` predicts is what DataLoader and DistributedSampler give."""
+def test_epoch_share_matches_the_loader(images, world_size):
+    """What ``epoch_share`` predicts is what DataLoader and DistributedSampler give each rank."""
     launch = train.Launch(world_size > 1, world_size, 0, 0, 1, None, None, None, False)
+    share = train.epoch_share(images, launch)
     for rank in range(world_size):
         sampler = None
         if world_size > 1:
             sampler = torch.utils.data.DistributedSampler(range(images), world_size, rank)
         batches = list(torch.utils.data.DataLoader(range(images), batch_size=2, sampler=sampler))
-        assert len(batches[-1]) == train.last_batch_size(images, 2, launch)
+        assert sum(len(batch) for batch in batches) == share
+        assert len(batches[-1]) == (share % 2 or 2)
 
 
 def test_a_last_batch_of_one_image_is_left_out(two_classes, tmp_path, capsys, monkeypatch):
