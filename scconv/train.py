@@ -439,6 +439,14 @@ def check_output_folder(path: str) -> None:
         raise UsageError(f"--output {path!r}: no permission to write in {existing!r}")
 
 
+def make_output_folder(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        message = f"--output {path!r}: cannot create the folder ({error.strerror})"
+        raise UsageError(message) from None
+
+
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict | None:
     """Validate everything that does not need a model; fills in resolved defaults.
 
@@ -1058,12 +1066,7 @@ def _run(args, launch: Launch, rank: int, device: torch.device, checkpoint) -> N
 
     metrics_path = os.path.join(args.output, METRICS_NAME)
     if is_main:
-        try:
-            os.makedirs(args.output, exist_ok=True)
-        except OSError as error:
-            raise UsageError(
-                f"--output {args.output!r}: cannot create the folder ({error.strerror})"
-            ) from None
+        make_output_folder(args.output)  # made by main() already; again for callers of run()
         log.path = os.path.join(args.output, LOG_NAME)
         _rewrite_metrics(metrics_path, start_epoch if args.resume else 0)
     if start_epoch >= args.epochs:
@@ -1149,6 +1152,10 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint = check_args(args, parser)
         launch = plan_launch(args)
         check_model_fits(args, launch)
+        if not args.evaluate and launch.rank == 0:  # this node runs rank 0, which writes there
+            # Before spawning: a rank that fails alone later is SIGTERMed by torch, and its
+            # DataLoader workers were seen to outlive it.
+            make_output_folder(args.output)
     except UsageError as error:
         parser.error(str(error))
 

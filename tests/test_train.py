@@ -376,6 +376,18 @@ BAD_INPUTS = [
     (["{good}", "--lr", "-1"], "--lr must be at least 0"),
     (["{good}", "--output", "{garbage}"], "exists and is not a folder"),
     (["{good}", "--output", "{garbage}/run1"], "cannot be created: '{garbage}' is not a folder"),
+    # Passes the permission check as root; makedirs fails, in the parent before any spawn.
+    (
+        [
+            "{good}",
+            "--output",
+            "/proc/scconv-test",
+            "--multiprocessing-distributed",
+            "--nproc-per-node",
+            "2",
+        ],
+        "--output '/proc/scconv-test'",
+    ),
     # One image per process: an SCNet's k2 BatchNorm would see one value per channel.
     (["{good}", "-b", "1"], "needs at least 2: its BatchNorm layer4.1.scconv.k2.2 would see one"),
     (
