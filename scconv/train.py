@@ -425,9 +425,12 @@ def read_checkpoint(path: str, arch: str | None = None) -> dict:
     return checkpoint
 
 
-def check_output_folder(path: str) -> None:
-    """``--output`` is a folder, or can be made in one, that this user may write to (checked
-    before anything is spawned: rank 0 creates it only after the model and data are built)."""
+def make_output_folder(path: str) -> None:
+    """Make ``--output`` (if missing); anything in the way is a ``UsageError`` that says what.
+
+    ``main()`` calls it before any process is spawned, on the node that runs rank 0: made late by
+    rank 0 alone, a failure got the other rank SIGTERMed by torch, and its DataLoader worker
+    outlived it."""
     existing = os.path.abspath(path)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
@@ -437,9 +440,6 @@ def check_output_folder(path: str) -> None:
         raise UsageError(f"--output {path!r} cannot be created: {existing!r} is not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"--output {path!r}: no permission to write in {existing!r}")
-
-
-def make_output_folder(path: str) -> None:
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as error:
@@ -525,8 +525,6 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dic
 
     if args.output is None:
         args.output = os.path.join("runs", args.arch)
-    if not args.evaluate:
-        check_output_folder(args.output)
     return checkpoint
 
 
@@ -813,11 +811,17 @@ def images_per_process(args: argparse.Namespace, launch: Launch) -> int:
 
 
 def shape_model(args: argparse.Namespace) -> nn.Module:
-    """``args.arch`` on the meta device, in eval mode: its shapes without memory or arithmetic."""
+    """``args.arch`` on the meta device, in eval mode: its shapes without memory or arithmetic
+    (built once per arch and class count; callers must leave it as they found it)."""
+    return _shape_model(args.arch, args.num_classes)
+
+
+@functools.lru_cache(maxsize=4)
+def _shape_model(arch: str, num_classes: int) -> nn.Module:
     # The eager gate whatever --gate says: shapes are the same, and the fused op is not needed.
-    gate = {"gate": "eager"} if args.arch.startswith("scnet") else {}
+    gate = {"gate": "eager"} if arch.startswith("scnet") else {}
     with torch.device("meta"):
-        return scconv.create_model(args.arch, num_classes=args.num_classes, **gate).eval()
+        return scconv.create_model(arch, num_classes=num_classes, **gate).eval()
 
 
 def check_image_size(model: nn.Module, args: argparse.Namespace) -> None:
@@ -860,14 +864,13 @@ def one_value_batchnorm(model: nn.Module, image_size: int) -> str | None:
 def min_train_batch(args: argparse.Namespace) -> tuple[int, str | None]:
     """Fewest images a training batch of ``args.arch`` at ``args.image_size`` can hold (1 or 2),
     and the BatchNorm that sets it (None for 1). Cached: main() and run() share one answer
-    in one process (~0.2 s each on the meta device otherwise)."""
+    in one process (a meta-device forward, ~0.1 s)."""
     return _min_train_batch(args.arch, args.num_classes, args.image_size)
 
 
 @functools.lru_cache(maxsize=4)
 def _min_train_batch(arch: str, num_classes: int, image_size: int) -> tuple[int, str | None]:
-    model = shape_model(argparse.Namespace(arch=arch, num_classes=num_classes))
-    name = one_value_batchnorm(model, image_size)
+    name = one_value_batchnorm(_shape_model(arch, num_classes), image_size)
     return (2, name) if name else (1, None)
 
 
@@ -1153,8 +1156,6 @@ def main(argv: list[str] | None = None) -> None:
         launch = plan_launch(args)
         check_model_fits(args, launch)
         if not args.evaluate and launch.rank == 0:  # this node runs rank 0, which writes there
-            # Before spawning: a rank that fails alone later is SIGTERMed by torch, and its
-            # DataLoader workers were seen to outlive it.
             make_output_folder(args.output)
     except UsageError as error:
         parser.error(str(error))
