@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import REPO_ROOT, log, write_text
+from bench.common import REPO_ROOT, TRACE_FILES, log, write_text
 
 
 @dataclass
@@ -100,7 +100,7 @@ OUTPUTS = {
     "sweep": ("sweep.csv", "tuned_configs.json"),
     "gating": ("gating.csv", "bandwidth.csv"),
     "models": ("models.csv", "models_skipped.csv", "breakdown.csv", "aten_ops.csv",
-               "model_summary.csv"),
+               "model_summary.csv", *TRACE_FILES),
 }  # fmt: skip
 
 

@@ -105,6 +105,22 @@ CSV_SCHEMAS: dict[str, tuple[str, ...]] = {
     "model_summary.csv": ("model", "params_M", "GMACs", "input", *META_COLUMNS),
 }  # fmt: skip
 
+NO_GATE = "none"  # the gate column of models without SC-Conv (ResNets)
+
+
+def trace_name(model_name: str, gate: str) -> str:
+    """File name of the Chrome trace that the models stage writes for a profiled model and gate
+    (``bench.models.op_breakdown``)."""
+    suffix = "" if gate == NO_GATE else f"_{gate}"
+    return f"trace_{model_name}{suffix}.json.gz"
+
+
+# Every trace the models stage writes (SCNet-50 per gate, ResNet-50): the stage runner deletes
+# them with the stage's other outputs before a new run.
+TRACE_FILES = (
+    trace_name("scnet50", "eager"), trace_name("scnet50", "triton"), trace_name("resnet50", NO_GATE)
+)  # fmt: skip
+
 
 def check_columns(name: str, columns: Iterable[str]) -> None:
     """Raise ``ValueError`` unless ``columns`` are exactly ``CSV_SCHEMAS[name]`` (in any order;

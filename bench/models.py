@@ -14,7 +14,8 @@ SCNet-50, SCNet-101 and SCNet-50 v1d against torchvision's ResNet-50 and ResNet-
 
 It also writes ``breakdown.csv``: where one forward and backward spends its time, from
 ``torch.profiler``, in the categories convolution, BatchNorm, gating, cat and other (see
-``op_breakdown``), for SCNet-50 and ResNet-50.
+``op_breakdown``), for SCNet-50 and ResNet-50, and the profile of each as a Chrome trace
+(``trace_<model>[_<gate>].json.gz``: open it in https://ui.perfetto.dev or chrome://tracing).
 
 Cases run most informative first (SCNet-50 against ResNet-50 at the headline precision and
 layout, every batch, then compiled; see ``plan_cases``) and are skipped, not cut, when the
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -40,6 +42,7 @@ from torch import nn
 
 import scconv
 from bench.common import (
+    NO_GATE,
     Budget,
     Progress,
     ResultWriter,
@@ -52,6 +55,7 @@ from bench.common import (
     raise_failures,
     record_failure,
     time_fn,
+    trace_name,
     write_csv,
 )
 
@@ -73,7 +77,6 @@ MIN_TRAIN_BATCH = 2
 PRECISIONS = {"fp32": None, "amp_bf16": torch.bfloat16}
 LAYOUTS = ("nchw", "channels_last")
 GATES = ("eager", "triton")
-NO_GATE = "none"  # the gate column of models without SC-Conv (ResNets)
 CATEGORIES = ("convolution", "BatchNorm", "gating", "cat", "other")
 
 
@@ -473,9 +476,14 @@ def op_breakdown(
     case: Case,
     device: str,
     iterations: int = 2,
+    trace: Path | None = None,
 ) -> list[dict]:
     """Per-category time of one training forward and backward of ``model`` (eager), averaged
-    over ``iterations`` profiled iterations after one unprofiled warm-up."""
+    over ``iterations`` profiled iterations after one unprofiled warm-up.
+
+    ``trace``: also write the profile as a Chrome trace there (gzip-compressed when the name ends
+    in ``.gz``; written under a temporary name and renamed, so a stopped run leaves none half
+    written). The forward, the backward and every SC-Conv are named ranges in it."""
     from torch.autograd.profiler import record_function
     from torch.profiler import ProfilerActivity, profile
 
@@ -506,6 +514,14 @@ def op_breakdown(
                 forward_backward()
             if device == "cuda":
                 torch.cuda.synchronize()
+    if trace is not None:
+        trace = Path(trace)
+        partial = trace.with_name(f".partial-{trace.name}")  # keeps the suffix export reads
+        try:
+            prof.export_chrome_trace(str(partial))
+            os.replace(partial, trace)
+        finally:
+            partial.unlink(missing_ok=True)
     rows = categorize_events(prof.events(), use_device_time=device == "cuda")
     for r in rows:
         r["time_ms"] /= iterations
@@ -774,7 +790,8 @@ def _run_breakdown(
         )
         try:
             model = build_model(model_name, gate, device, case.layout)
-            rows.extend(op_breakdown(model, case, device))
+            trace = out_dir / trace_name(model_name, gate)
+            rows.extend(op_breakdown(model, case, device, trace=trace))
         except Exception as error:
             record_failure(failures, f"models: per-op breakdown of {model_name} [{gate}]", error)
         finally:
@@ -782,7 +799,7 @@ def _run_breakdown(
             if device == "cuda":
                 torch.cuda.empty_cache()
     path = write_csv([{**r, **meta} for r in rows], out_dir / "breakdown.csv") if rows else None
-    progress.step("per-op breakdown (torch.profiler) of SCNet-50 and ResNet-50")
+    progress.step("per-op breakdown (torch.profiler) of SCNet-50 and ResNet-50, with traces")
     return path
 
 

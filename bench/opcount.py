@@ -23,7 +23,7 @@ for optimized SCNets only: at batch 1 (what the command line uses) each block ru
 ``conv1``, 14 ops; at larger batches ``conv1_a`` and ``conv1_b`` separately, 15 ops (SCNet-50:
 249 at batch 1, 265 at batch 2); see ``scconv/inference.py``.
 
-    python -m bench.opcount                      # the table for four SCNets and ResNet-50
+    python -m bench.opcount                      # the table for every model
     python -m bench.opcount --breakdown scnet50  # ops by name, original vs optimized
 """
 
@@ -48,7 +48,8 @@ _ALLOCATIONS = frozenset(
         torch.ops.aten.new_empty_strided,
     )
 )
-DEFAULT_MODELS = ("scnet50", "scnet101", "scnet50_v1d", "scnet101_v1d", "resnet50")
+# Every model of scconv.list_models(): the four SCNets, then the two ResNets.
+DEFAULT_MODELS = ("scnet50", "scnet101", "scnet50_v1d", "scnet101_v1d", "resnet50", "resnet101")
 
 
 class OpCounter(TorchDispatchMode):

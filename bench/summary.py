@@ -272,8 +272,11 @@ def summarize(out_dir) -> str:
 
     pngs = sorted(p.name for p in out_dir.glob("*.png"))
     csvs = sorted(p.name for p in out_dir.glob("*.csv"))
+    traces = sorted(p.name for p in out_dir.glob("trace_*.json.gz"))
     lines.append("")
-    lines.append(f"files: {', '.join(csvs + pngs)}")
+    lines.append(f"files: {', '.join(csvs + pngs + traces)}")
+    if traces:
+        lines.append("traces (torch.profiler, one training step): open in https://ui.perfetto.dev")
     lines.append("=" * 78)
     return "\n".join(lines)
 

@@ -5,6 +5,8 @@ Speed is never asserted. Everything runs on the CPU (the Triton kernels through 
 on tiny shapes); the GPU-only paths are exercised by bench/gpu.sh on a GPU.
 """
 
+import gzip
+import json
 import os
 import re
 import signal
@@ -204,6 +206,11 @@ def test_models_csvs_match_their_schemas(tmp_path, monkeypatch, one_thread):
     written = sorted(p.name for p in tmp_path.glob("*.csv"))
     assert written == ["aten_ops.csv", "breakdown.csv", "model_summary.csv", "models.csv",
                        "models_skipped.csv"]  # fmt: skip
+    # The profiled step of each breakdown variant as a Chrome trace, no temporary file left.
+    assert sorted(p.name for p in tmp_path.glob("*.gz")) == [
+        common.trace_name("resnet50", models.NO_GATE), common.trace_name("scnet50", "eager")
+    ]  # fmt: skip
+    assert not list(tmp_path.glob(".*"))
     for name in written:
         common.check_columns(name, pd.read_csv(tmp_path / name).columns)
     frame = pd.read_csv(path)
@@ -604,7 +611,7 @@ def test_models_refuse_bad_grids(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_breakdown_attributes_gating_cat_and_backward_by_sequence_number(one_thread):
+def test_breakdown_attributes_gating_cat_and_backward_by_sequence_number(tmp_path, one_thread):
     import torchvision
 
     torch.manual_seed(0)
@@ -613,7 +620,9 @@ def test_breakdown_attributes_gating_cat_and_backward_by_sequence_number(one_thr
         torchvision.models.resnet.Bottleneck, [1, 1, 1, 1], num_classes=10
     )
     case = models.Case("tiny", "eager", "eager", "train", "fp32", "nchw", 2, 128)
-    rows = {(r["pass"], r["category"]): r for r in models.op_breakdown(tiny_scnet, case, "cpu", 1)}
+    trace = tmp_path / "trace_tiny.json.gz"
+    breakdown = models.op_breakdown(tiny_scnet, case, "cpu", 1, trace=trace)
+    rows = {(r["pass"], r["category"]): r for r in breakdown}
     # 4 SC-Convs: 4 gating ops each (interpolate, add, sigmoid, mul), one cat per block.
     assert rows[("forward", "gating")]["n_ops"] == 16
     assert rows[("forward", "cat")]["n_ops"] == 4
@@ -626,6 +635,13 @@ def test_breakdown_attributes_gating_cat_and_backward_by_sequence_number(one_thr
         shares = sum(r["share_pct"] for (p, _), r in rows.items() if p == pass_)
         assert shares == pytest.approx(100.0)
         assert rows[(pass_, "convolution")]["time_ms"] > 0
+    # The trace holds the profiled step, with the forward, backward and SC-Conv ranges.
+    with gzip.open(trace, "rt") as f:
+        names = [e.get("name") for e in json.load(f)["traceEvents"]]
+    assert names.count(models.FORWARD_RANGE) == names.count(models.BACKWARD_RANGE) == 1
+    assert names.count(models.SCCONV_RANGE) == 4
+    assert "aten::convolution" in names
+    assert [p.name for p in tmp_path.iterdir()] == [trace.name]  # no partial file left
     resnet_rows = models.op_breakdown(tiny_resnet, case, "cpu", 1)
     # ResNet's residual add is not gating: nothing is, and nothing is cat.
     for r in resnet_rows:
@@ -1080,8 +1096,11 @@ def test_gpu_sh_dry_run_runs_the_whole_pipeline(tmp_path):
     for name in ("gating.csv", "gating_correctness.csv", "models.csv", "breakdown.csv",
                  "sweep.csv", "model_summary.csv", "summary.txt", "log.txt",
                  "gating_latency.png", "models_ratio.png", "breakdown.png",
-                 "sweep_heatmap.png"):  # fmt: skip
+                 "sweep_heatmap.png", "trace_scnet50_eager.json.gz",
+                 "trace_resnet50.json.gz"):  # fmt: skip
         assert (out / name).stat().st_size > 0, name
+    files_line = next(line for line in reversed(last) if line.startswith("files: "))
+    assert "trace_resnet50.json.gz" in files_line
     for csv in out.glob("*.csv"):
         frame = pd.read_csv(csv)
         common.check_columns(csv.name, frame.columns)
