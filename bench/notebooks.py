@@ -64,11 +64,17 @@ def execute(path: str | Path, save: bool = False, timeout_s: int = 600):
         (spec_dir / "kernel.json").write_text(json.dumps(spec))
         specs = KernelSpecManager(kernel_dirs=[kernels_dir])
         # The connection file goes in the temporary directory too: by default jupyter_client
-        # writes it to /tmp/tmpXXXX.json, and it stayed there after every run.
+        # writes it to /tmp/tmpXXXX.json, and it stayed there after every run. The kernel talks
+        # over Unix sockets there (ipc), not TCP ports, so no port is opened and ipykernel does
+        # not warn on every run that its TCP traffic is unencrypted; a $TMPDIR too long for a
+        # socket path (about 107 bytes, plus "-PORT") keeps TCP on 127.0.0.1.
+        socket_base = str(Path(kernels_dir) / "kernel")
+        transport = {"transport": "ipc", "ip": socket_base} if len(socket_base) < 90 else {}
         manager = KernelManager(
             kernel_name=KERNEL_NAME,
             kernel_spec_manager=specs,
             connection_file=str(Path(kernels_dir) / "connection.json"),
+            **transport,
         )
         client = NotebookClient(
             notebook,

@@ -276,7 +276,9 @@ def summarize(out_dir) -> str:
     lines.append("")
     lines.append(f"files: {', '.join(csvs + pngs + traces)}")
     if traces:
-        lines.append("traces (torch.profiler, one training step): open in https://ui.perfetto.dev")
+        lines.append(
+            "traces (torch.profiler, the profiled training steps): open in https://ui.perfetto.dev"
+        )
     lines.append("=" * 78)
     return "\n".join(lines)
 

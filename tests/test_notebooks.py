@@ -58,6 +58,17 @@ def test_a_run_leaves_no_files_behind(tmp_path, monkeypatch):
     assert list(scratch.iterdir()) == []
 
 
+def test_the_kernel_talks_over_unix_sockets_not_tcp(tmp_path):
+    """No TCP port is opened (ipykernel warned on every run that its TCP traffic is unencrypted);
+    the sockets live in the run's temporary directory."""
+    import nbformat
+
+    cell = "from ipykernel.kernelapp import IPKernelApp\nprint(IPKernelApp.instance().transport)"
+    small = tmp_path / "small.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(cell)]), small)
+    assert _stdout(notebooks.execute(small)).strip() == "ipc"
+
+
 def _stdout(notebook) -> str:
     return "".join(
         o.get("text", "")
