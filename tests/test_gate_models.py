@@ -94,6 +94,28 @@ def test_scnet50_torch_compile_fullgraph_matches(perturb_batchnorm):
     print(f"torch.compile(fullgraph=True) SCNet-50 first call: {elapsed:.1f} s")
 
 
+def test_scnet50_torch_export_keeps_the_fused_gate_and_round_trips(perturb_batchnorm):
+    """torch.export sees the gate as one custom op per SC-Conv (its fake implementation gives the
+    shapes), and the program survives torch.export.save/load (the op is registered on import)."""
+    import io
+
+    eager, triton_model = _pair(perturb_batchnorm)
+    images = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    program = torch.export.export(triton_model, (images,))
+    gates = [
+        n for n in program.graph.nodes if n.op == "call_function" and "sc_gate" in str(n.target)
+    ]
+    assert len(gates) == 16 and {str(n.target) for n in gates} == {"scconv.sc_gate.default"}
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    buffer.seek(0)
+    loaded = torch.export.load(buffer)
+    with torch.no_grad():
+        expected = eager(images)
+        _assert_close_scaled(program.module()(images), expected, "exported logits", rtol=1e-5)
+        _assert_close_scaled(loaded.module()(images), expected, "loaded logits", rtol=1e-5)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])

@@ -258,6 +258,19 @@ def test_compiles_with_fullgraph(perturb_batchnorm):
         torch.testing.assert_close(compiled(x), optimized(x), rtol=0, atol=0)
 
 
+def test_exports_with_the_fused_ops(perturb_batchnorm):
+    """torch.export of an optimized block keeps relu_cat and add_relu_ as single ops."""
+    block = _sc_block(perturb_batchnorm, stride=2, avd=True)
+    optimized = optimize_for_inference(block)
+    x = torch.randn(2, 64, 12, 12)
+    program = torch.export.export(optimized, (x,))
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert targets.count("scconv.relu_cat.default") == 1
+    assert targets.count("scconv.add_relu_.default") == 1
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), optimized(x), rtol=0, atol=0)
+
+
 # --- Modes, copies and bad input -----------------------------------------------------------------
 
 
