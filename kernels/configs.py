@@ -116,7 +116,9 @@ def prune_for_layout(kernel: str):
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        channels_contiguous = args["stride_xc"] == 1 and args["C"] > 1
+        # The forward receives x's channel stride divided by its PLANE_ALIGN (kernels/gate.py).
+        stride_xc = args["stride_xc"] * args.get("PLANE_ALIGN", 1)
+        channels_contiguous = stride_xc == 1 and args["C"] > 1
         family = [c for c in configs if (_config_id(c) in plane_ids) != channels_contiguous]
         family = family or list(configs)
         spatial = args["H"] * args["W"] if kernel == "forward" else args["w"]

@@ -31,6 +31,7 @@ memory format.
 
 import contextlib
 import functools
+import math
 
 import numpy as np
 import torch
@@ -125,12 +126,12 @@ def _gate_forward_kernel(
     C,  # channels
     H,  # x rows
     W,  # x columns
-    HW,  # H * W, passed so Triton can see it divisible by 16 (vector loads)
+    HW,  # H * W / PLANE_ALIGN (see PLANE_ALIGN)
     h,  # k2 rows
     w,  # k2 columns
     scale_h,  # float32(h) / H, PyTorch's nearest scale
     scale_w,  # float32(w) / W
-    stride_xn,
+    stride_xn,  # x's sample and channel strides, like k3's and out's: divided by PLANE_ALIGN
     stride_xc,
     stride_xh,
     stride_xw,
@@ -149,11 +150,22 @@ def _gate_forward_kernel(
     X_FLAT: tl.constexpr,  # stride_xh == W * stride_xw (see _plane_offset)
     K3_FLAT: tl.constexpr,
     OUT_FLAT: tl.constexpr,
+    PLANE_ALIGN: tl.constexpr,  # divides H*W and the n, c strides of x, k3, out (plane_align)
     WIDE_INDEX: tl.constexpr,  # some per-sample offset may pass 2**31: index in int64
     COMPUTE_DTYPE: tl.constexpr,  # tl.float32, or tl.float64 for float64 tensors
     BLOCK_C: tl.constexpr,  # channels per program
     BLOCK_HW: tl.constexpr,  # spatial positions (flattened H*W) per program
 ):
+    # H*W and the sample and channel strides of x, k3 and out arrive divided by PLANE_ALIGN:
+    # multiplied back by a constexpr, Triton knows them to be multiples of it, so planes whose
+    # size is not a multiple of 16 (14x14 = 4 * 49) still get vector loads and stores.
+    HW = HW * PLANE_ALIGN
+    stride_xn = stride_xn * PLANE_ALIGN
+    stride_xc = stride_xc * PLANE_ALIGN
+    stride_k3n = stride_k3n * PLANE_ALIGN
+    stride_k3c = stride_k3c * PLANE_ALIGN
+    stride_on = stride_on * PLANE_ALIGN
+    stride_oc = stride_oc * PLANE_ALIGN
     # One program: sample n, BLOCK_C channels x BLOCK_HW positions; hw blocks vary fastest.
     pid = tl.program_id(0)
     num_hw_blocks = (HW + BLOCK_HW - 1) // BLOCK_HW
@@ -452,6 +464,19 @@ def _flat_plane(t: torch.Tensor) -> bool:
     return t.shape[2] == 1 or t.stride(2) == t.shape[3] * t.stride(3)
 
 
+def plane_align(*tensors: torch.Tensor) -> int:
+    """The largest power of two up to 16 dividing H*W and every sample and channel stride of
+    ``tensors`` (each with a flat, stride-1 plane), else 1: the forward kernel's PLANE_ALIGN.
+
+    The contiguous run of a flat plane then starts on a multiple of it, which is what a vector
+    access of that many elements needs (with an aligned base pointer, which Triton checks)."""
+    if not all(_flat_plane(t) and t.stride(3) == 1 for t in tensors):
+        return 1  # no contiguous run along H*W: nothing to vectorize
+    height, width = tensors[0].shape[-2:]
+    common = math.gcd(height * width, *(s for t in tensors for s in t.stride()[:2]))
+    return math.gcd(common, 16)  # a divisor of 16: a power of two
+
+
 def _needs_wide_index(*tensors: torch.Tensor) -> bool:
     # Per-sample offsets are int32 unless the farthest element of a sample could pass 2**31.
     for t in tensors:
@@ -504,16 +529,23 @@ def forward_launch_arguments(x, k2, k3, out):
     """
     N, C, H, W = x.shape
     h, w = k2.shape[-2:]
+    align = plane_align(x, k3, out)
+
+    def aligned(t):  # sample and channel strides divided by the kernel's PLANE_ALIGN
+        sn, sc, sh, sw = t.stride()
+        return sn // align, sc // align, sh, sw
+
     args = (
         x, k2, k3, out,
-        N, C, H, W, H * W, h, w,
+        N, C, H, W, H * W // align, h, w,
         nearest_scale(h, H), nearest_scale(w, W),
-        *x.stride(), *k2.stride(), *k3.stride(), *out.stride(),
+        *aligned(x), *k2.stride(), *aligned(k3), *aligned(out),
     )  # fmt: skip
     constexprs = dict(
         X_FLAT=_flat_plane(x),
         K3_FLAT=_flat_plane(k3),
         OUT_FLAT=_flat_plane(out),
+        PLANE_ALIGN=align,
         WIDE_INDEX=_needs_wide_index(x, k2, k3, out),
         COMPUTE_DTYPE=_compute_dtype(x.dtype),
     )

@@ -155,6 +155,45 @@ def test_layouts_match_reference(shape, layout):
         assert g.stride() == gate.empty_like_layout(t).stride()
 
 
+def _padded_batch(shape, pad, generator):
+    """A contiguous-plane tensor whose sample stride is C*H*W + pad (a view of a flat buffer)."""
+    n, c, h, w = shape
+    sample = c * h * w + pad
+    flat = torch.randn(n * sample, generator=generator, dtype=torch.float64)
+    flat = flat.to(DEVICE, torch.float32)
+    return flat.as_strided(shape, (sample, h * w, w, 1))
+
+
+@pytest.mark.parametrize(
+    "shape, pad, align",
+    [
+        ((2, 3, 14, 14, 3, 3), 0, 4),  # SCNet layer3 planes: 196 = 4 * 49
+        ((2, 3, 8, 8, 2, 2), 0, 16),  # 64: capped at 16
+        ((2, 3, 6, 6, 2, 2), 0, 4),
+        ((2, 3, 14, 14, 3, 3), 2, 2),  # the sample stride, 590, lowers it to 2
+        ((2, 3, 14, 14, 3, 3), 1, 1),
+        ((2, 3, 7, 7, 1, 1), 0, 1),
+    ],
+)
+def test_forward_plane_alignment_holds_for_the_strides_it_is_given(shape, pad, align):
+    """PLANE_ALIGN divides H*W and the sample and channel strides of x, k3 and out; the kernel
+    gets those divided by it and multiplies them back, so a wrong value gives wrong outputs."""
+    n, c, H, W, h, w = shape
+    x, k2, k3, grad = make_inputs(*shape)
+    x = _padded_batch((n, c, H, W), pad, torch.Generator().manual_seed(5))
+    assert gate.plane_align(x, k3, gate.empty_like_layout(x)) == align
+    check_against_reference(x, k2, k3, grad)
+
+
+def test_plane_alignment_is_one_without_a_contiguous_plane():
+    x, _, k3, _ = make_inputs(2, 8, 14, 14, 3, 3, layout="channels_last")
+    assert gate.plane_align(x, k3, x) == 1
+    y, _, _, _ = make_inputs(2, 8, 14, 14, 3, 3)
+    assert gate.plane_align(y, y, y) == 4
+    assert gate.plane_align(y, x, y) == 1  # one channels_last tensor is enough
+    assert gate.plane_align(y[..., ::2], y[..., ::2], y[..., ::2]) == 1  # column stride 2
+
+
 def test_output_keeps_memory_format():
     x, k2, k3, _ = make_inputs(2, 3, 8, 8, 2, 2, layout="channels_last")
     assert gate.gate_forward(x, k2, k3).is_contiguous(memory_format=torch.channels_last)
@@ -705,6 +744,10 @@ x, k2 = meta((2, 32, 56, 56)), meta((2, 32, 14, 14))
 forward = compiled("forward", x, k2, BLOCK_C=2, BLOCK_HW=1024)
 assert "ld.global.v4.b32" in forward["loads"], forward  # 16-byte loads of x and k3 (NCHW)
 assert "st.global.v4.b32" in forward["stores"], forward
+x, k2 = meta((2, 128, 14, 14)), meta((2, 128, 3, 3))  # 196 = 4 * 49: PLANE_ALIGN 4
+forward = compiled("forward", x, k2, BLOCK_C=4, BLOCK_HW=256)
+assert "ld.global.v2.b32" in forward["loads"], forward  # 8-byte loads of x and k3 (4 bf16)
+assert set(forward["stores"]) == {"st.global.v2.b32"}, forward
 cl = torch.channels_last
 x, k2 = meta((2, 32, 56, 56), layout=cl), meta((2, 32, 14, 14), layout=cl)
 forward = compiled("forward", x, k2, BLOCK_C=32, BLOCK_HW=32)
