@@ -58,7 +58,15 @@ def _plane_configs(kernel: str) -> list[triton.Config]:
     # columns (56 = 14 * 4 for layer1 at 224 px), looped over the r rows of each k2 row; narrow
     # k2 (w = 3 or 1 in layers 3 and 4) takes more channels instead.
     shapes = [(1, 16), (2, 16), (4, 16), (8, 8), (16, 4), (32, 2), (64, 1)]
-    return [triton.Config({"BLOCK_C": c, "BLOCK_Q": q}, num_warps=4) for c, q in shapes]
+    plane = [triton.Config({"BLOCK_C": c, "BLOCK_Q": q}, num_warps=4) for c, q in shapes]
+    # Where every footprint is 4 columns wide (layers 1 and 2: UNIFORM_W in kernels/gate.py),
+    # a thread gets 4 consecutive columns, one 8-byte bf16 or 16-byte fp32 access, only when
+    # the tile holds 4 elements per thread: 512 per row step for 4 warps, 256 for 2 (the tiles
+    # above hold 64-256, 2-byte accesses in bf16 on sm_90; kernels/codegen.py shows it).
+    wide = [(8, 16, 4), (16, 8, 4), (32, 4, 4), (8, 8, 2)]
+    return plane + [
+        triton.Config({"BLOCK_C": c, "BLOCK_Q": q}, num_warps=warps) for c, q, warps in wide
+    ]
 
 
 def _channel_configs(kernel: str) -> list[triton.Config]:
@@ -116,8 +124,8 @@ def prune_for_layout(kernel: str):
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        # The forward receives x's channel stride divided by its PLANE_ALIGN (kernels/gate.py).
-        stride_xc = args["stride_xc"] * args.get("PLANE_ALIGN", 1)
+        # The kernels receive x's channel stride divided by their PLANE_ALIGN or ROW_ALIGN.
+        stride_xc = args["stride_xc"] * args.get("PLANE_ALIGN", args.get("ROW_ALIGN", 1))
         channels_contiguous = stride_xc == 1 and args["C"] > 1
         family = [c for c in configs if (_config_id(c) in plane_ids) != channels_contiguous]
         family = family or list(configs)

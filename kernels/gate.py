@@ -225,7 +225,7 @@ def _gate_backward_kernel(
     scale_h,  # float32(h) / H
     scale_w,  # float32(w) / W
     max_footprint_w,  # widest column footprint of a k2 pixel (columns of x)
-    stride_gn,
+    stride_gn,  # the n, c and h strides of g, x, k3, dx and dk3 arrive divided by ROW_ALIGN
     stride_gc,
     stride_gh,
     stride_gw,
@@ -256,9 +256,29 @@ def _gate_backward_kernel(
     WIDE_INDEX: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     FOOTPRINT_CHUNK: tl.constexpr,  # columns per step inside a footprint (power of two)
+    UNIFORM_W: tl.constexpr,  # every column footprint is this many columns (== chunk), else 0
+    ROW_ALIGN: tl.constexpr,  # divides the n, c, h strides of g, x, k3, dx, dk3 (row_align)
     BLOCK_C: tl.constexpr,  # channels per program
     BLOCK_Q: tl.constexpr,  # k2 columns per program
 ):
+    # Multiplied back by a constexpr, the strides are known multiples of ROW_ALIGN: with
+    # UNIFORM_W, a footprint row of UNIFORM_W columns then starts on a multiple of it, and
+    # Triton uses vector access along it (NCHW rows of 56 or 28 columns are not multiples of 16).
+    stride_gn = stride_gn * ROW_ALIGN
+    stride_gc = stride_gc * ROW_ALIGN
+    stride_gh = stride_gh * ROW_ALIGN
+    stride_xn = stride_xn * ROW_ALIGN
+    stride_xc = stride_xc * ROW_ALIGN
+    stride_xh = stride_xh * ROW_ALIGN
+    stride_k3n = stride_k3n * ROW_ALIGN
+    stride_k3c = stride_k3c * ROW_ALIGN
+    stride_k3h = stride_k3h * ROW_ALIGN
+    stride_dxn = stride_dxn * ROW_ALIGN
+    stride_dxc = stride_dxc * ROW_ALIGN
+    stride_dxh = stride_dxh * ROW_ALIGN
+    stride_dk3n = stride_dk3n * ROW_ALIGN
+    stride_dk3c = stride_dk3c * ROW_ALIGN
+    stride_dk3h = stride_dk3h * ROW_ALIGN
     # One program: sample n, k2 row p, BLOCK_C channels x BLOCK_Q k2 columns. It walks the x rows
     # of p's footprint and, per row, a [BLOCK_C, BLOCK_Q, FOOTPRINT_CHUNK] tile of x columns
     # (column q's footprint starts at col_start[q]); dL/dk2 accumulates in registers.
@@ -304,8 +324,15 @@ def _gate_backward_kernel(
     dk2 = tl.full([BLOCK_C, BLOCK_Q], 0.0, COMPUTE_DTYPE)
     for chunk in range(0, max_footprint_w, FOOTPRINT_CHUNK):
         # Column part of every address, fixed while the rows of the footprint are walked.
-        col = (col_start[:, None] + chunk + step[None, :])[None, :, :]
-        mask = c_mask[:, None, None] & ((chunk + step)[None, :] < col_width[:, None])[None]
+        if UNIFORM_W:
+            # One chunk (chunk == 0) covers each footprint, columns q * UNIFORM_W + step: the
+            # same addresses, written so that Triton sees runs of UNIFORM_W starting on a
+            # multiple of UNIFORM_W, and a mask constant along each run.
+            col = (q[:, None] * UNIFORM_W + step[None, :])[None, :, :]
+            mask = c_mask[:, None, None] & (q_mask[:, None] & (step < UNIFORM_W)[None, :])[None]
+        else:
+            col = (col_start[:, None] + chunk + step[None, :])[None, :, :]
+            mask = c_mask[:, None, None] & ((chunk + step)[None, :] < col_width[:, None])[None]
         g_cols = g_base + col * stride_gw
         x_cols = x_base + col * stride_xw
         k3_cols = k3_base + col * stride_k3w
@@ -477,6 +504,29 @@ def plane_align(*tensors: torch.Tensor) -> int:
     return math.gcd(common, 16)  # a divisor of 16: a power of two
 
 
+def row_align(*tensors: torch.Tensor) -> int:
+    """The largest power of two up to 16 dividing the sample, channel and row strides of
+    ``tensors`` (each with column stride 1), else 1: the backward kernel's ROW_ALIGN."""
+    if not all(t.stride(3) == 1 for t in tensors):
+        return 1  # columns are not contiguous: nothing to vectorize along a row
+    return math.gcd(16, *(s for t in tensors for s in t.stride()[:3]))
+
+
+@functools.lru_cache(maxsize=1024)
+def uniform_footprint(dst_size: int, src_size: int) -> int:
+    """F when nearest upsampling maps destination i to source i // F for every i (each source
+    index owns F consecutive destinations, F a power of two up to MAX_FOOTPRINT_CHUNK), else 0:
+    the backward kernel's UNIFORM_W."""
+    if dst_size % src_size:
+        return 0
+    footprint = dst_size // src_size
+    if footprint > MAX_FOOTPRINT_CHUNK or footprint & (footprint - 1):
+        return 0
+    dst = np.arange(dst_size, dtype=np.float32) * np.float32(nearest_scale(src_size, dst_size))
+    src = np.minimum(dst.astype(np.int64), src_size - 1)
+    return footprint if np.array_equal(src, np.arange(dst_size) // footprint) else 0
+
+
 def _needs_wide_index(*tensors: torch.Tensor) -> bool:
     # Per-sample offsets are int32 unless the farthest element of a sample could pass 2**31.
     for t in tensors:
@@ -561,17 +611,25 @@ def backward_launch_arguments(grad_out, x, k2, k3, grad_x, grad_k2, grad_k3):
     N, C, H, W = x.shape
     h, w = k2.shape[-2:]
     footprint_w = max_footprint(W, w)
+    align = row_align(grad_out, x, k3, grad_x, grad_k3)
+
+    def aligned(t):  # sample, channel and row strides divided by the kernel's ROW_ALIGN
+        sn, sc, sh, sw = t.stride()
+        return sn // align, sc // align, sh // align, sw
+
     args = (
         grad_out, x, k2, k3, grad_x, grad_k2, grad_k3,
         N, C, H, W, h, w,
         nearest_scale(h, H), nearest_scale(w, W), footprint_w,
-        *grad_out.stride(), *x.stride(), *k2.stride(), *k3.stride(),
-        *grad_x.stride(), *grad_k2.stride(), *grad_k3.stride(),
+        *aligned(grad_out), *aligned(x), *k2.stride(), *aligned(k3),
+        *aligned(grad_x), *grad_k2.stride(), *aligned(grad_k3),
     )  # fmt: skip
     constexprs = dict(
         WIDE_INDEX=_needs_wide_index(grad_out, x, k2, k3, grad_x, grad_k2, grad_k3),
         COMPUTE_DTYPE=_compute_dtype(x.dtype),
         FOOTPRINT_CHUNK=min(triton.next_power_of_2(footprint_w), MAX_FOOTPRINT_CHUNK),
+        UNIFORM_W=uniform_footprint(W, w),
+        ROW_ALIGN=align,
     )
 
     def grid(meta):

@@ -185,6 +185,53 @@ def test_forward_plane_alignment_holds_for_the_strides_it_is_given(shape, pad, a
     check_against_reference(x, k2, k3, grad)
 
 
+def _padded_rows(shape, pad, generator):
+    """A tensor with column stride 1 whose rows are W + pad elements apart."""
+    n, c, h, w = shape
+    row = w + pad
+    flat = torch.randn(n * c * h * row, generator=generator, dtype=torch.float64)
+    return flat.to(DEVICE, torch.float32).as_strided(shape, (c * h * row, h * row, row, 1))
+
+
+@pytest.mark.parametrize(
+    "shape, pad, uniform, align",
+    [
+        ((2, 3, 8, 8, 2, 2), 0, 4, 8),  # 4-column footprints, rows of 8
+        ((1, 2, 56, 56, 14, 14), 0, 4, 8),  # SCNet layer1: rows of 56 = 8 * 7
+        ((2, 3, 8, 8, 2, 2), 2, 4, 2),  # rows 10 apart
+        ((2, 3, 12, 12, 6, 6), 0, 2, 4),
+        ((2, 3, 16, 16, 16, 16), 0, 1, 16),  # identity: one column per k2 pixel
+        ((2, 3, 16, 16, 2, 2), 1, 8, 1),  # 8-column footprints, rows 17 apart
+        ((2, 3, 14, 14, 3, 3), 0, 0, 2),  # footprints of 5, 5 and 4 columns: the general path
+    ],
+)
+def test_backward_uniform_footprints_and_row_alignment(shape, pad, uniform, align):
+    """UNIFORM_W addresses each footprint as q * UNIFORM_W + step, and ROW_ALIGN divides the
+    strides the kernel gets: wrong values give wrong gradients."""
+    n, c, H, W, h, w = shape
+    _, k2, k3, grad = make_inputs(*shape)
+    x = _padded_rows((n, c, H, W), pad, torch.Generator().manual_seed(6))
+    assert gate.uniform_footprint(W, w) == uniform
+    grads = [gate.empty_like_layout(t) for t in (x, k3)]
+    assert gate.row_align(grad, x, k3, *grads) == align
+    check_against_reference(x, k2, k3, grad)
+
+
+def test_uniform_footprint_is_interpolates_own_map():
+    """Where it says F, F.interpolate reads column j from j // F; every power of two up to
+    the footprint chunk is recognised."""
+    for big in range(1, 97):
+        for small in range(1, big + 1):
+            footprint = gate.uniform_footprint(big, small)
+            if footprint:
+                assert torch.equal(source_index(small, big), torch.arange(big) // footprint)
+    for footprint in (1, 2, 4, 8):
+        assert all(gate.uniform_footprint(footprint * s, s) == footprint for s in range(1, 65))
+    assert gate.uniform_footprint(7, 1) == 0  # 7 columns: not a power of two
+    assert gate.uniform_footprint(64, 4) == 0  # 16 columns: wider than one chunk
+    assert gate.uniform_footprint(74, 24) == 0
+
+
 def test_plane_alignment_is_one_without_a_contiguous_plane():
     x, _, k3, _ = make_inputs(2, 8, 14, 14, 3, 3, layout="channels_last")
     assert gate.plane_align(x, k3, x) == 1
@@ -754,6 +801,10 @@ forward = compiled("forward", x, k2, BLOCK_C=32, BLOCK_HW=32)
 assert set(forward["loads"]) == {"ld.global.v4.b32"}, forward  # x, k3 and k2 along channels
 backward = compiled("backward", x, k2, BLOCK_C=32, BLOCK_Q=4)
 assert any(".v" in kind for kind in backward["loads"]), backward
+x, k2 = meta((2, 32, 56, 56)), meta((2, 32, 14, 14))  # NCHW, 4-column footprints
+backward = compiled("backward", x, k2, BLOCK_C=8, BLOCK_Q=16)
+assert backward["loads"].get("ld.global.v2.b32") == 3, backward  # 8-byte g, x, k3 (4 bf16)
+assert backward["stores"].get("st.global.v2.b32") == 2, backward  # dx, dk3
 x, k2 = meta((2, 3, 13, 17), torch.float64), meta((2, 3, 3, 4), torch.float64)
 compiled("forward", x, k2, BLOCK_C=4, BLOCK_HW=256)
 compiled("backward", x, k2, BLOCK_C=4, BLOCK_Q=8)
