@@ -376,11 +376,12 @@ def test_design_note_rows_map_like_pytorch(big, small, row, source_row):
     assert (row * small) // big != source_row  # the case really distinguishes the two formulas
 
 
+@pytest.mark.parametrize("shape", ["13x17_odd", "exact_2x"])  # exact_2x: UNIFORM_W 2
 @pytest.mark.parametrize("layout", ["contiguous", "slice_cl"])
-def test_int64_index_path_matches(monkeypatch, layout):
+def test_int64_index_path_matches(monkeypatch, layout, shape):
     """The WIDE_INDEX code path (offsets past 2**31), forced on small tensors."""
     monkeypatch.setattr(gate, "_INT32_LIMIT", 16)
-    x, k2, k3, grad = make_inputs(*SHAPES["13x17_odd"], layout=layout)
+    x, k2, k3, grad = make_inputs(*SHAPES[shape], layout=layout)
     assert gate._needs_wide_index(x)
     check_against_reference(x, k2, k3, grad)
 
@@ -808,9 +809,12 @@ assert backward["stores"].get("st.global.v2.b32") == 2, backward  # dx, dk3
 x, k2 = meta((2, 3, 13, 17), torch.float64), meta((2, 3, 3, 4), torch.float64)
 compiled("forward", x, k2, BLOCK_C=4, BLOCK_HW=256)
 compiled("backward", x, k2, BLOCK_C=4, BLOCK_Q=8)
+uniform = meta((2, 3, 16, 16), torch.float64), meta((2, 3, 4, 4), torch.float64)
+compiled("backward", *uniform, BLOCK_C=4, BLOCK_Q=4)
 codegen.gate._INT32_LIMIT = 16  # the int64 index path compiles too
 compiled("forward", x, k2, BLOCK_C=4, BLOCK_HW=256)
 compiled("backward", x, k2, BLOCK_C=4, BLOCK_Q=8)
+compiled("backward", *uniform, BLOCK_C=4, BLOCK_Q=4)
 
 # The fused inference kernels (kernels/fused.py), as their launchers launch them.
 for layout in (torch.contiguous_format, cl):
