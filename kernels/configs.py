@@ -58,15 +58,17 @@ def _plane_configs(kernel: str) -> list[triton.Config]:
     # columns (56 = 14 * 4 for layer1 at 224 px), looped over the r rows of each k2 row; narrow
     # k2 (w = 3 or 1 in layers 3 and 4) takes more channels instead.
     shapes = [(1, 16), (2, 16), (4, 16), (8, 8), (16, 4), (32, 2), (64, 1)]
-    plane = [triton.Config({"BLOCK_C": c, "BLOCK_Q": q}, num_warps=4) for c, q in shapes]
-    # Where every footprint is 4 columns wide (layers 1 and 2: UNIFORM_W in kernels/gate.py),
-    # a thread gets 4 consecutive columns, one 8-byte bf16 or 16-byte fp32 access, only when
-    # the tile holds 4 elements per thread: 512 per row step for 4 warps, 256 for 2 (the tiles
-    # above hold 64-256, 2-byte accesses in bf16 on sm_90; kernels/codegen.py shows it).
+    return [triton.Config({"BLOCK_C": c, "BLOCK_Q": q}, num_warps=4) for c, q in shapes]
+
+
+def _uniform_footprint_configs() -> list[triton.Config]:
+    """Backward tiles of 4 elements per thread, for NCHW planes whose k2 columns all cover 4 x
+    columns (layers 1 and 2: UNIFORM_W in kernels/gate.py): a thread then gets 4 consecutive
+    columns, one 8-byte bf16 or 16-byte fp32 access, where the plane tiles (64-256 elements per
+    row step for 4 warps) give 2- or 4-byte ones (kernels/codegen.py shows it). 512 elements per
+    row step for 4 warps, 256 for 2."""
     wide = [(8, 16, 4), (16, 8, 4), (32, 4, 4), (8, 8, 2)]
-    return plane + [
-        triton.Config({"BLOCK_C": c, "BLOCK_Q": q}, num_warps=warps) for c, q, warps in wide
-    ]
+    return [triton.Config({"BLOCK_C": c, "BLOCK_Q": q}, num_warps=w) for c, q, w in wide]
 
 
 def _channel_configs(kernel: str) -> list[triton.Config]:
@@ -79,10 +81,25 @@ def _channel_configs(kernel: str) -> list[triton.Config]:
     return [triton.Config({"BLOCK_C": c, "BLOCK_Q": q}, num_warps=4) for c, q in shapes]
 
 
+def _families(kernel: str) -> dict[str, list[triton.Config]]:
+    """The search space by family: "plane" (NCHW), "uniform" (NCHW backward with uniform
+    footprints, besides the plane tiles) and "channel" (channels_last). A configuration may be
+    in more than one."""
+    families = {"plane": _plane_configs(kernel), "channel": _channel_configs(kernel)}
+    if kernel == "backward":
+        families["uniform"] = _uniform_footprint_configs()
+    return families
+
+
 def search_space(kernel: str) -> list[triton.Config]:
-    """Every configuration the sweep may time for ``kernel`` ("forward" or "backward")."""
+    """Every configuration the sweep may time for ``kernel`` ("forward" or "backward"), each
+    once."""
     _check_kernel(kernel)
-    return _plane_configs(kernel) + _channel_configs(kernel)
+    unique = {}
+    for family in _families(kernel).values():
+        for config in family:
+            unique.setdefault(_config_id(config), config)
+    return list(unique.values())
 
 
 def interpreter_config(kernel: str) -> triton.Config:
@@ -115,20 +132,25 @@ def prune_for_layout(kernel: str):
     """An ``early_config_prune`` for ``kernel``: keep the family that suits x's layout.
 
     Channels-contiguous x (``stride_xc == 1``, channels_last) gets the channel tiles, everything
-    else the plane tiles; tiles more than a power of two larger than the tensor are dropped
-    (they would only add masked lanes), keeping at least one configuration.
+    else the plane tiles, and the NCHW backward with uniform footprints (``UNIFORM_W``) the
+    uniform-footprint tiles too; tiles more than a power of two larger than the tensor are
+    dropped (they would only add masked lanes), keeping at least one configuration.
     """
     _check_kernel(kernel)
-    plane_ids = {_config_id(c) for c in _plane_configs(kernel)}
+    ids = {name: {_config_id(c) for c in family} for name, family in _families(kernel).items()}
     spatial_block = "BLOCK_HW" if kernel == "forward" else "BLOCK_Q"
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         # The kernels receive x's channel stride divided by their PLANE_ALIGN or ROW_ALIGN.
         stride_xc = args["stride_xc"] * args.get("PLANE_ALIGN", args.get("ROW_ALIGN", 1))
-        channels_contiguous = stride_xc == 1 and args["C"] > 1
-        family = [c for c in configs if (_config_id(c) in plane_ids) != channels_contiguous]
-        family = family or list(configs)
+        if stride_xc == 1 and args["C"] > 1:
+            wanted = ids["channel"]
+        elif args.get("UNIFORM_W"):
+            wanted = ids["plane"] | ids["uniform"]
+        else:
+            wanted = ids["plane"]
+        family = [c for c in configs if _config_id(c) in wanted] or list(configs)
         spatial = args["H"] * args["W"] if kernel == "forward" else args["w"]
         fitting = [
             c

@@ -328,7 +328,7 @@ def _gate_backward_kernel(
             # One chunk (chunk == 0) covers each footprint, columns q * UNIFORM_W + step: the
             # same addresses, written so that Triton sees runs of UNIFORM_W starting on a
             # multiple of UNIFORM_W, and a mask constant along each run.
-            col = (q[:, None] * UNIFORM_W + step[None, :])[None, :, :]
+            col = (k2_col[:, None] * UNIFORM_W + step[None, :])[None, :, :]  # int64 if WIDE
             mask = c_mask[:, None, None] & (q_mask[:, None] & (step < UNIFORM_W)[None, :])[None]
         else:
             col = (col_start[:, None] + chunk + step[None, :])[None, :, :]
@@ -369,7 +369,9 @@ def _autotune_timer(kernel_call, quantiles):
 
 
 _AUTOTUNE = {
-    "key": ["N", "C", "H", "W", "h", "w", "stride_xc", "stride_xw"],
+    # The alignments too: stride_xc arrives divided by them, so alone it can be equal for an
+    # NCHW and a channels-contiguous tensor (triton keeps the names that the kernel takes).
+    "key": ["N", "C", "H", "W", "h", "w", "stride_xc", "stride_xw", "PLANE_ALIGN", "ROW_ALIGN"],
     "do_bench": _autotune_timer,
     # Winners are kept in Triton's cache folder, so a new process (each benchmark stage, each
     # training run) does not autotune the same shape again.
@@ -491,6 +493,26 @@ def _flat_plane(t: torch.Tensor) -> bool:
     return t.shape[2] == 1 or t.stride(2) == t.shape[3] * t.stride(3)
 
 
+# Triton passes an int argument of at most this as int32. A literal, not _INT32_LIMIT (which tests
+# lower to reach the int64 index paths on small tensors).
+_INT32_ARGUMENT_MAX = 2**31 - 1
+
+
+def _index_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+    """``t``'s strides with those of a size-1 sample or channel dimension as 0: its index is
+    always 0, so the stride is never used, and 0 neither lowers an alignment nor needs int64."""
+    sn, sc, sh, sw = t.stride()
+    return (0 if t.shape[0] == 1 else sn, 0 if t.shape[1] == 1 else sc, sh, sw)
+
+
+def _power_of_two_divisor(values) -> int:
+    """The largest power of two up to 16 dividing every value; 1 if a value needs int64: divided,
+    it would reach the kernel as int32, and multiplying it back would wrap."""
+    if any(v > _INT32_ARGUMENT_MAX for v in values):
+        return 1
+    return math.gcd(16, *values)
+
+
 def plane_align(*tensors: torch.Tensor) -> int:
     """The largest power of two up to 16 dividing H*W and every sample and channel stride of
     ``tensors`` (each with a flat, stride-1 plane), else 1: the forward kernel's PLANE_ALIGN.
@@ -500,8 +522,8 @@ def plane_align(*tensors: torch.Tensor) -> int:
     if not all(_flat_plane(t) and t.stride(3) == 1 for t in tensors):
         return 1  # no contiguous run along H*W: nothing to vectorize
     height, width = tensors[0].shape[-2:]
-    common = math.gcd(height * width, *(s for t in tensors for s in t.stride()[:2]))
-    return math.gcd(common, 16)  # a divisor of 16: a power of two
+    strides = (s for t in tensors for s in _index_strides(t)[:2])
+    return _power_of_two_divisor([height * width, *strides])
 
 
 def row_align(*tensors: torch.Tensor) -> int:
@@ -509,7 +531,7 @@ def row_align(*tensors: torch.Tensor) -> int:
     ``tensors`` (each with column stride 1), else 1: the backward kernel's ROW_ALIGN."""
     if not all(t.stride(3) == 1 for t in tensors):
         return 1  # columns are not contiguous: nothing to vectorize along a row
-    return math.gcd(16, *(s for t in tensors for s in t.stride()[:3]))
+    return _power_of_two_divisor([s for t in tensors for s in _index_strides(t)[:3]])
 
 
 @functools.lru_cache(maxsize=1024)
@@ -582,7 +604,7 @@ def forward_launch_arguments(x, k2, k3, out):
     align = plane_align(x, k3, out)
 
     def aligned(t):  # sample and channel strides divided by the kernel's PLANE_ALIGN
-        sn, sc, sh, sw = t.stride()
+        sn, sc, sh, sw = _index_strides(t)
         return sn // align, sc // align, sh, sw
 
     args = (
@@ -614,7 +636,7 @@ def backward_launch_arguments(grad_out, x, k2, k3, grad_x, grad_k2, grad_k3):
     align = row_align(grad_out, x, k3, grad_x, grad_k3)
 
     def aligned(t):  # sample, channel and row strides divided by the kernel's ROW_ALIGN
-        sn, sc, sh, sw = t.stride()
+        sn, sc, sh, sw = _index_strides(t)
         return sn // align, sc // align, sh // align, sw
 
     args = (

@@ -175,12 +175,14 @@ def _padded_batch(shape, pad, generator):
         ((2, 3, 7, 7, 1, 1), 0, 1),
     ],
 )
-def test_forward_plane_alignment_holds_for_the_strides_it_is_given(shape, pad, align):
+@pytest.mark.parametrize("padded", ["x", "k3"])
+def test_forward_plane_alignment_holds_for_the_strides_it_is_given(shape, pad, align, padded):
     """PLANE_ALIGN divides H*W and the sample and channel strides of x, k3 and out; the kernel
     gets those divided by it and multiplies them back, so a wrong value gives wrong outputs."""
     n, c, H, W, h, w = shape
     x, k2, k3, grad = make_inputs(*shape)
-    x = _padded_batch((n, c, H, W), pad, torch.Generator().manual_seed(5))
+    odd = _padded_batch((n, c, H, W), pad, torch.Generator().manual_seed(5))
+    x, k3 = (odd, k3) if padded == "x" else (x, odd)
     assert gate.plane_align(x, k3, gate.empty_like_layout(x)) == align
     check_against_reference(x, k2, k3, grad)
 
@@ -205,16 +207,43 @@ def _padded_rows(shape, pad, generator):
         ((2, 3, 14, 14, 3, 3), 0, 0, 2),  # footprints of 5, 5 and 4 columns: the general path
     ],
 )
-def test_backward_uniform_footprints_and_row_alignment(shape, pad, uniform, align):
+@pytest.mark.parametrize("padded", ["x", "grad"])
+def test_backward_uniform_footprints_and_row_alignment(shape, pad, uniform, align, padded):
     """UNIFORM_W addresses each footprint as q * UNIFORM_W + step, and ROW_ALIGN divides the
     strides the kernel gets: wrong values give wrong gradients."""
     n, c, H, W, h, w = shape
-    _, k2, k3, grad = make_inputs(*shape)
-    x = _padded_rows((n, c, H, W), pad, torch.Generator().manual_seed(6))
+    x, k2, k3, grad = make_inputs(*shape)
+    odd = _padded_rows((n, c, H, W), pad, torch.Generator().manual_seed(6))
+    x, grad = (odd, grad) if padded == "x" else (x, odd)
     assert gate.uniform_footprint(W, w) == uniform
     grads = [gate.empty_like_layout(t) for t in (x, k3)]
     assert gate.row_align(grad, x, k3, *grads) == align
     check_against_reference(x, k2, k3, grad)
+
+
+def test_alignments_leave_int64_strides_and_size_one_dimensions_alone():
+    """A stride past int32 reaches the kernel as int64 only if it is passed undivided (divided,
+    it would be int32 and wrap when multiplied back): such tensors get alignment 1. Strides of
+    size-1 sample and channel dimensions are never used and do not lower the alignment."""
+    huge = 2**32 + 16  # divisible by 16, and past int32
+
+    def strided(shape, strides):
+        return torch.empty_strided(shape, strides, device="meta")
+
+    plane = strided((2, 3, 14, 14), (huge, 196, 14, 1))
+    assert gate.plane_align(plane, plane, plane) == 1
+    assert gate.row_align(plane, plane) == 1
+    args, constexprs, _ = gate.forward_launch_arguments(plane, plane[..., :3, :3], plane, plane)
+    assert constexprs["PLANE_ALIGN"] == 1 and huge in [a for a in args if isinstance(a, int)]
+    one_sample = strided((1, 3, 14, 14), (huge + 7, 196, 14, 1))
+    assert gate.plane_align(one_sample, one_sample, one_sample) == 4
+    one_channel = strided((2, 1, 8, 8), (64, 999, 8, 1))
+    assert gate.row_align(one_channel) == 8
+    k2 = torch.empty(2, 1, 2, 2, device="meta")  # k2's strides are passed as they are
+    t = one_channel
+    args, constexprs, _ = gate.backward_launch_arguments(t, t, k2, t, t, k2, t)
+    assert constexprs["ROW_ALIGN"] == 8
+    assert 999 not in [a for a in args if isinstance(a, int)]  # the unused stride is passed as 0
 
 
 def test_uniform_footprint_is_interpolates_own_map():
@@ -595,6 +624,49 @@ def test_interpreter_uses_one_config():
     assert len(configs.autotune_configs("forward", interpreted=False)) > 1
 
 
+def test_search_space_has_no_duplicates_and_every_family_keeps_its_tiles():
+    for kernel in configs.KERNELS:
+        ids = [configs._config_id(c) for c in configs.search_space(kernel)]
+        assert len(ids) == len(set(ids)), kernel
+    # (32, 4) is both a channels_last tile and a uniform-footprint one: it stays in both.
+    prune = configs.prune_for_layout("backward")
+    space = configs.search_space("backward")
+    channels_last = prune(space, {"C": 32, "H": 56, "W": 56, "w": 14, "stride_xc": 1})
+    assert {"BLOCK_C": 32, "BLOCK_Q": 4} in [c.kwargs for c in channels_last]
+
+
+def _prune_launch(kernel, *tensors):
+    """(named arguments, constexprs, kept configurations) of the pruner fed what the launcher
+    passes for ``tensors``."""
+    if kernel == "forward":
+        fn, launch_arguments = gate._gate_forward_kernel, gate.forward_launch_arguments
+    else:
+        fn, launch_arguments = gate._gate_backward_kernel, gate.backward_launch_arguments
+    args, constexprs, _ = launch_arguments(*tensors)
+    tiles = configs.META_PARAMETERS[kernel]
+    names = [a for a in fn.arg_names if a not in constexprs and a not in tiles]
+    named = dict(zip(names, args, strict=True))
+    space = configs.search_space(kernel)
+    return named, constexprs, configs.prune_for_layout(kernel)(space, named, **constexprs)
+
+
+def test_prune_reads_the_launch_arguments():
+    """NCHW 2x2 planes: the channel stride reaches the kernel as 4 // PLANE_ALIGN 4 = 1 and still
+    counts as NCHW. The uniform-footprint tiles come only with UNIFORM_W (56x56 from 14x14, not
+    14x14 from 3x3)."""
+    x = torch.empty(4, 8, 2, 2, device="meta")
+    named, constexprs, kept = _prune_launch("forward", x, x[..., :1, :1], x, x)
+    assert named["stride_xc"] == 1 and constexprs["PLANE_ALIGN"] == 4
+    plane = {configs._config_id(c) for c in configs._plane_configs("forward")}
+    assert kept and all(configs._config_id(c) in plane for c in kept)
+    wide = {configs._config_id(c) for c in configs._uniform_footprint_configs()}
+    for (H, h), uniform in (((56, 14), True), ((14, 3), False)):
+        x, k2 = torch.empty(2, 32, H, H, device="meta"), torch.empty(2, 32, h, h, device="meta")
+        _, constexprs, kept = _prune_launch("backward", x, x, k2, x, x, k2, x)
+        assert bool(constexprs["UNIFORM_W"]) == uniform
+        assert any(configs._config_id(c) in wide for c in kept) == uniform, (H, kept)
+
+
 @pytest.mark.parametrize("kernel", configs.KERNELS)
 def test_prune_picks_layout_family(kernel):
     prune = configs.prune_for_layout(kernel)
@@ -775,7 +847,7 @@ def test_importing_kernels_does_not_import_triton():
 
 
 _CODEGEN_CHECK = """
-import torch, triton
+import re, torch, triton
 from kernels import codegen
 
 
@@ -812,9 +884,19 @@ compiled("backward", x, k2, BLOCK_C=4, BLOCK_Q=8)
 uniform = meta((2, 3, 16, 16), torch.float64), meta((2, 3, 4, 4), torch.float64)
 compiled("backward", *uniform, BLOCK_C=4, BLOCK_Q=4)
 codegen.gate._INT32_LIMIT = 16  # the int64 index path compiles too
-compiled("forward", x, k2, BLOCK_C=4, BLOCK_HW=256)
-compiled("backward", x, k2, BLOCK_C=4, BLOCK_Q=8)
-compiled("backward", *uniform, BLOCK_C=4, BLOCK_Q=4)
+
+
+# Pointer arithmetic on int32 offsets in the kernel's TTIR: none may be left with WIDE_INDEX (an
+# int32 offset past 2**31 wraps).
+def int32_offsets(kernel, x, k2, **kwargs):
+    ir = codegen.compile_kernel(kernel, x, k2, x, triton.Config(kwargs, num_warps=4)).asm["ttir"]
+    pattern = re.compile("tt[.]addptr .*: .*, (tensor<[0-9x]+xi32>|i32)( |$)")
+    return [line.strip() for line in ir.splitlines() if pattern.search(line)]
+
+
+assert not int32_offsets("forward", x, k2, BLOCK_C=4, BLOCK_HW=256)
+assert not int32_offsets("backward", x, k2, BLOCK_C=4, BLOCK_Q=8)
+assert not int32_offsets("backward", *uniform, BLOCK_C=4, BLOCK_Q=4)
 
 # The fused inference kernels (kernels/fused.py), as their launchers launch them.
 for layout in (torch.contiguous_format, cl):
