@@ -66,21 +66,36 @@ def _require_compiled() -> None:
         )
 
 
+def _launch(kernel: str, x, k2, k3):
+    """(kernel function, positional arguments, constexprs) of a gating launch on these tensors,
+    from the launchers' own argument builders."""
+    if kernel == "forward":
+        args, constexprs, _ = gate.forward_launch_arguments(x, k2, k3, gate.empty_like_layout(x))
+        return gate._gate_forward_kernel, args, constexprs
+    if kernel == "backward":
+        outputs = [gate.empty_like_layout(t) for t in (torch.empty_like(x), x, k2, k3)]
+        args, constexprs, _ = gate.backward_launch_arguments(outputs[0], x, k2, k3, *outputs[1:])
+        return gate._gate_backward_kernel, args, constexprs
+    raise ValueError(f"unknown kernel {kernel!r}; kernels are {', '.join(configs.KERNELS)}")
+
+
+def pruned_configs(kernel: str, x, k2, k3) -> list[triton.Config]:
+    """The configurations the autotuner would time for this launch: the search space through
+    ``configs.prune_for_layout``, fed the arguments and constexprs the launcher passes."""
+    fn, args, constexprs = _launch(kernel, x, k2, k3)
+    tiles = configs.META_PARAMETERS[kernel]
+    names = [name for name in fn.arg_names if name not in constexprs and name not in tiles]
+    named = dict(zip(names, args, strict=True))
+    return configs.prune_for_layout(kernel)(configs.search_space(kernel), named, **constexprs)
+
+
 def compile_kernel(kernel: str, x, k2, k3, config: triton.Config, arch: int = 90):
     """Compile ``kernel`` ("forward" or "backward") for sm_``arch`` as a launch on these tensors.
 
     Tensors may be on the meta device (only shapes, strides and dtypes matter).
     """
     _require_compiled()
-    if kernel == "forward":
-        fn = gate._gate_forward_kernel
-        args, constexprs, _ = gate.forward_launch_arguments(x, k2, k3, gate.empty_like_layout(x))
-    elif kernel == "backward":
-        fn = gate._gate_backward_kernel
-        outputs = [gate.empty_like_layout(t) for t in (torch.empty_like(x), x, k2, k3)]
-        args, constexprs, _ = gate.backward_launch_arguments(outputs[0], x, k2, k3, *outputs[1:])
-    else:
-        raise ValueError(f"unknown kernel {kernel!r}; kernels are {', '.join(configs.KERNELS)}")
+    fn, args, constexprs = _launch(kernel, x, k2, k3)
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     return _compile(fn, args, {**constexprs, **config.kwargs}, options, arch)
 
@@ -153,10 +168,7 @@ def main(argv=None) -> None:
                 for s in (size, small, size)
             )
             for kernel in configs.KERNELS:
-                prune = configs.prune_for_layout(kernel)
-                named = {"C": channels, "H": size, "W": size, "w": small}
-                named["stride_xc"] = x.stride(1)
-                for config in prune(configs.search_space(kernel), named):
+                for config in pruned_configs(kernel, x, k2, k3):
                     info = summary(compile_kernel(kernel, x, k2, k3, config, args.arch), args.arch)
                     print(f"{kernel:8} {configs.table_key(x, k2):42} {config}: {info}")
             # The fused inference kernels on the same block's tensors (conv3's input halves and

@@ -85,9 +85,10 @@ def _families(kernel: str) -> dict[str, list[triton.Config]]:
     """The search space by family: "plane" (NCHW), "uniform" (NCHW backward with uniform
     footprints, besides the plane tiles) and "channel" (channels_last). A configuration may be
     in more than one."""
-    families = {"plane": _plane_configs(kernel), "channel": _channel_configs(kernel)}
+    families = {"plane": _plane_configs(kernel)}
     if kernel == "backward":
         families["uniform"] = _uniform_footprint_configs()
+    families["channel"] = _channel_configs(kernel)
     return families
 
 

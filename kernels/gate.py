@@ -499,10 +499,12 @@ _INT32_ARGUMENT_MAX = 2**31 - 1
 
 
 def _index_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
-    """``t``'s strides with those of a size-1 sample or channel dimension as 0: its index is
-    always 0, so the stride is never used, and 0 neither lowers an alignment nor needs int64."""
+    """``t``'s strides with those of a size-1 sample, channel or row dimension as 0: its index
+    is always 0, so the stride is never used, and 0 neither lowers an alignment nor needs int64.
+    (The column stride is kept: a flat plane's offset is ``hw * stride_w``.)"""
     sn, sc, sh, sw = t.stride()
-    return (0 if t.shape[0] == 1 else sn, 0 if t.shape[1] == 1 else sc, sh, sw)
+    n, c, h, _ = t.shape
+    return (0 if n == 1 else sn, 0 if c == 1 else sc, 0 if h == 1 else sh, sw)
 
 
 def _power_of_two_divisor(values) -> int:

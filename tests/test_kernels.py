@@ -205,6 +205,7 @@ def _padded_rows(shape, pad, generator):
         ((2, 3, 16, 16, 16, 16), 0, 1, 16),  # identity: one column per k2 pixel
         ((2, 3, 16, 16, 2, 2), 1, 8, 1),  # 8-column footprints, rows 17 apart
         ((2, 3, 14, 14, 3, 3), 0, 0, 2),  # footprints of 5, 5 and 4 columns: the general path
+        ((2, 3, 1, 8, 1, 2), 3, 4, 1),  # one row: its stride (11) is passed as 0
     ],
 )
 @pytest.mark.parametrize("padded", ["x", "grad"])
@@ -235,10 +236,14 @@ def test_alignments_leave_int64_strides_and_size_one_dimensions_alone():
     assert gate.row_align(plane, plane) == 1
     args, constexprs, _ = gate.forward_launch_arguments(plane, plane[..., :3, :3], plane, plane)
     assert constexprs["PLANE_ALIGN"] == 1 and huge in [a for a in args if isinstance(a, int)]
+    one_plane = strided((1, 1, 1, huge), (0, 0, 0, 1))  # H*W alone is past int32
+    assert gate.plane_align(one_plane, one_plane, one_plane) == 1
     one_sample = strided((1, 3, 14, 14), (huge + 7, 196, 14, 1))
     assert gate.plane_align(one_sample, one_sample, one_sample) == 4
     one_channel = strided((2, 1, 8, 8), (64, 999, 8, 1))
     assert gate.row_align(one_channel) == 8
+    one_row = strided((2, 3, 1, 8), (24, 8, 5, 1))
+    assert gate.row_align(one_row) == 8
     k2 = torch.empty(2, 1, 2, 2, device="meta")  # k2's strides are passed as they are
     t = one_channel
     args, constexprs, _ = gate.backward_launch_arguments(t, t, k2, t, t, k2, t)
@@ -635,36 +640,41 @@ def test_search_space_has_no_duplicates_and_every_family_keeps_its_tiles():
     assert {"BLOCK_C": 32, "BLOCK_Q": 4} in [c.kwargs for c in channels_last]
 
 
-def _prune_launch(kernel, *tensors):
-    """(named arguments, constexprs, kept configurations) of the pruner fed what the launcher
-    passes for ``tensors``."""
-    if kernel == "forward":
-        fn, launch_arguments = gate._gate_forward_kernel, gate.forward_launch_arguments
-    else:
-        fn, launch_arguments = gate._gate_backward_kernel, gate.backward_launch_arguments
-    args, constexprs, _ = launch_arguments(*tensors)
-    tiles = configs.META_PARAMETERS[kernel]
-    names = [a for a in fn.arg_names if a not in constexprs and a not in tiles]
-    named = dict(zip(names, args, strict=True))
-    space = configs.search_space(kernel)
-    return named, constexprs, configs.prune_for_layout(kernel)(space, named, **constexprs)
-
-
 def test_prune_reads_the_launch_arguments():
-    """NCHW 2x2 planes: the channel stride reaches the kernel as 4 // PLANE_ALIGN 4 = 1 and still
-    counts as NCHW. The uniform-footprint tiles come only with UNIFORM_W (56x56 from 14x14, not
-    14x14 from 3x3)."""
+    """Fed what the launchers pass (kernels.codegen.pruned_configs): a channel stride divided to
+    1 by PLANE_ALIGN (NCHW 2x2 planes: 4 // 4) or ROW_ALIGN (rows of 8, H = 1: 8 // 8) still
+    counts as NCHW, and the uniform-footprint tiles come only with UNIFORM_W (56x56 from 14x14,
+    not 14x14 from 3x3)."""
+    from kernels import codegen
+
+    plane = {
+        kernel: {configs._config_id(c) for c in configs._plane_configs(kernel)}
+        for kernel in configs.KERNELS
+    }
     x = torch.empty(4, 8, 2, 2, device="meta")
-    named, constexprs, kept = _prune_launch("forward", x, x[..., :1, :1], x, x)
-    assert named["stride_xc"] == 1 and constexprs["PLANE_ALIGN"] == 4
-    plane = {configs._config_id(c) for c in configs._plane_configs("forward")}
-    assert kept and all(configs._config_id(c) in plane for c in kept)
+    args, constexprs, _ = gate.forward_launch_arguments(x, x[..., :1, :1], x, x)
+    assert args[gate._gate_forward_kernel.arg_names.index("stride_xc")] == 1
+    assert constexprs["PLANE_ALIGN"] == 4
+    kept = codegen.pruned_configs("forward", x, x[..., :1, :1], x)
+    assert kept and all(configs._config_id(c) in plane["forward"] for c in kept)
+    x, k2 = torch.empty(2, 4, 1, 8, device="meta"), torch.empty(2, 4, 1, 2, device="meta")
+    args, constexprs, _ = gate.backward_launch_arguments(x, x, k2, x, x, k2, x)
+    assert args[gate._gate_backward_kernel.arg_names.index("stride_xc")] == 1
+    assert constexprs["ROW_ALIGN"] == 8
+    kept = codegen.pruned_configs("backward", x, k2, x)
+    assert kept and all(configs._config_id(c) in plane["backward"] for c in kept)
     wide = {configs._config_id(c) for c in configs._uniform_footprint_configs()}
     for (H, h), uniform in (((56, 14), True), ((14, 3), False)):
         x, k2 = torch.empty(2, 32, H, H, device="meta"), torch.empty(2, 32, h, h, device="meta")
-        _, constexprs, kept = _prune_launch("backward", x, x, k2, x, x, k2, x)
-        assert bool(constexprs["UNIFORM_W"]) == uniform
+        kept = codegen.pruned_configs("backward", x, k2, x)
         assert any(configs._config_id(c) in wide for c in kept) == uniform, (H, kept)
+
+
+def test_autotune_key_holds_the_alignments():
+    """stride_xc arrives divided by them: without them the key can be equal for an NCHW and a
+    channels-contiguous launch, and one would run the other's tuned configuration."""
+    for autotuned in (gate._gate_forward_autotuned, gate._gate_backward_autotuned):
+        assert {"stride_xc", "PLANE_ALIGN", "ROW_ALIGN"} <= set(autotuned.keys)
 
 
 @pytest.mark.parametrize("kernel", configs.KERNELS)
