@@ -78,7 +78,13 @@ def _channel_configs(kernel: str) -> list[triton.Config]:
         shapes = [(32, 32), (64, 16), (64, 32), (128, 8), (128, 16), (256, 8)]
         return [triton.Config({"BLOCK_C": c, "BLOCK_HW": s}, num_warps=4) for c, s in shapes]
     shapes = [(32, 4), (64, 2), (64, 4), (128, 1), (128, 2), (256, 1)]
-    return [triton.Config({"BLOCK_C": c, "BLOCK_Q": q}, num_warps=4) for c, q in shapes]
+    channel = [triton.Config({"BLOCK_C": c, "BLOCK_Q": q}, num_warps=4) for c, q in shapes]
+    # Layer1's C = 32 takes at most BLOCK_C 32: (32, 4) on 4 warps gives a thread 4 channels, an
+    # 8-byte bf16 access; these two give it 8, a 16-byte one (kernels/codegen.py shows it).
+    return channel + [
+        triton.Config({"BLOCK_C": 32, "BLOCK_Q": 8}, num_warps=4),
+        triton.Config({"BLOCK_C": 32, "BLOCK_Q": 4}, num_warps=2),
+    ]
 
 
 def _families(kernel: str) -> dict[str, list[triton.Config]]:

@@ -884,6 +884,8 @@ forward = compiled("forward", x, k2, BLOCK_C=32, BLOCK_HW=32)
 assert set(forward["loads"]) == {"ld.global.v4.b32"}, forward  # x, k3 and k2 along channels
 backward = compiled("backward", x, k2, BLOCK_C=32, BLOCK_Q=4)
 assert any(".v" in kind for kind in backward["loads"]), backward
+backward = compiled("backward", x, k2, BLOCK_C=32, BLOCK_Q=8)  # 8 channels a thread
+assert backward["loads"].get("ld.global.v4.b32") == 3, backward  # 16-byte g, x, k3
 x, k2 = meta((2, 32, 56, 56)), meta((2, 32, 14, 14))  # NCHW, 4-column footprints
 backward = compiled("backward", x, k2, BLOCK_C=8, BLOCK_Q=16)
 assert backward["loads"].get("ld.global.v2.b32") == 3, backward  # 8-byte g, x, k3 (4 bf16)
