@@ -481,12 +481,16 @@ def nearest_scale(src_size: int, dst_size: int) -> float:
     return float(np.float32(src_size) / np.float32(dst_size))
 
 
+def _nearest_sources(dst_size: int, src_size: int) -> np.ndarray:
+    """The source index of every destination index under PyTorch's float32 nearest mapping."""
+    dst = np.arange(dst_size, dtype=np.float32) * np.float32(nearest_scale(src_size, dst_size))
+    return np.minimum(dst.astype(np.int64), src_size - 1)
+
+
 @functools.lru_cache(maxsize=1024)
 def max_footprint(dst_size: int, src_size: int) -> int:
     """The most destination indices that share one source index under nearest upsampling."""
-    dst = np.arange(dst_size, dtype=np.float32) * np.float32(nearest_scale(src_size, dst_size))
-    src = np.minimum(dst.astype(np.int64), src_size - 1)
-    return int(np.bincount(src, minlength=src_size).max())
+    return int(np.bincount(_nearest_sources(dst_size, src_size), minlength=src_size).max())
 
 
 def _flat_plane(t: torch.Tensor) -> bool:
@@ -505,6 +509,13 @@ def _index_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     sn, sc, sh, sw = t.stride()
     n, c, h, _ = t.shape
     return (0 if n == 1 else sn, 0 if c == 1 else sc, 0 if h == 1 else sh, sw)
+
+
+def _aligned_strides(t: torch.Tensor, align: int, divided: int) -> tuple[int, int, int, int]:
+    """``_index_strides(t)`` with the first ``divided`` (sample, channel[, row]) divided by
+    ``align``, as a kernel that multiplies them back by its alignment constexpr takes them."""
+    strides = _index_strides(t)
+    return tuple(s // align if i < divided else s for i, s in enumerate(strides))
 
 
 def _power_of_two_divisor(values) -> int:
@@ -546,9 +557,8 @@ def uniform_footprint(dst_size: int, src_size: int) -> int:
     footprint = dst_size // src_size
     if footprint > MAX_FOOTPRINT_CHUNK or footprint & (footprint - 1):
         return 0
-    dst = np.arange(dst_size, dtype=np.float32) * np.float32(nearest_scale(src_size, dst_size))
-    src = np.minimum(dst.astype(np.int64), src_size - 1)
-    return footprint if np.array_equal(src, np.arange(dst_size) // footprint) else 0
+    uniform = np.array_equal(_nearest_sources(dst_size, src_size), np.arange(dst_size) // footprint)
+    return footprint if uniform else 0
 
 
 def _needs_wide_index(*tensors: torch.Tensor) -> bool:
@@ -606,8 +616,7 @@ def forward_launch_arguments(x, k2, k3, out):
     align = plane_align(x, k3, out)
 
     def aligned(t):  # sample and channel strides divided by the kernel's PLANE_ALIGN
-        sn, sc, sh, sw = _index_strides(t)
-        return sn // align, sc // align, sh, sw
+        return _aligned_strides(t, align, divided=2)
 
     args = (
         x, k2, k3, out,
@@ -638,8 +647,7 @@ def backward_launch_arguments(grad_out, x, k2, k3, grad_x, grad_k2, grad_k3):
     align = row_align(grad_out, x, k3, grad_x, grad_k3)
 
     def aligned(t):  # sample, channel and row strides divided by the kernel's ROW_ALIGN
-        sn, sc, sh, sw = _index_strides(t)
-        return sn // align, sc // align, sh // align, sw
+        return _aligned_strides(t, align, divided=3)
 
     args = (
         grad_out, x, k2, k3, grad_x, grad_k2, grad_k3,
