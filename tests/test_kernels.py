@@ -155,13 +155,15 @@ def test_layouts_match_reference(shape, layout):
         assert g.stride() == gate.empty_like_layout(t).stride()
 
 
-def _padded_batch(shape, pad, generator):
-    """A contiguous-plane tensor whose sample stride is C*H*W + pad (a view of a flat buffer)."""
+def _padded(shape, pad, generator, where):
+    """A random float32 view of a flat buffer with column stride 1 and ``pad`` extra elements
+    after each sample (``where="sample"``: sample stride C*H*W + pad) or each row ("row": rows
+    W + pad elements apart)."""
     n, c, h, w = shape
-    sample = c * h * w + pad
+    row = w + pad if where == "row" else w
+    sample = c * h * row + (pad if where == "sample" else 0)
     flat = torch.randn(n * sample, generator=generator, dtype=torch.float64)
-    flat = flat.to(DEVICE, torch.float32)
-    return flat.as_strided(shape, (sample, h * w, w, 1))
+    return flat.to(DEVICE, torch.float32).as_strided(shape, (sample, h * row, row, 1))
 
 
 @pytest.mark.parametrize(
@@ -181,18 +183,10 @@ def test_forward_plane_alignment_holds_for_the_strides_it_is_given(shape, pad, a
     gets those divided by it and multiplies them back, so a wrong value gives wrong outputs."""
     n, c, H, W, h, w = shape
     x, k2, k3, grad = make_inputs(*shape)
-    odd = _padded_batch((n, c, H, W), pad, torch.Generator().manual_seed(5))
+    odd = _padded((n, c, H, W), pad, torch.Generator().manual_seed(5), "sample")
     x, k3 = (odd, k3) if padded == "x" else (x, odd)
     assert gate.plane_align(x, k3, gate.empty_like_layout(x)) == align
     check_against_reference(x, k2, k3, grad)
-
-
-def _padded_rows(shape, pad, generator):
-    """A tensor with column stride 1 whose rows are W + pad elements apart."""
-    n, c, h, w = shape
-    row = w + pad
-    flat = torch.randn(n * c * h * row, generator=generator, dtype=torch.float64)
-    return flat.to(DEVICE, torch.float32).as_strided(shape, (c * h * row, h * row, row, 1))
 
 
 @pytest.mark.parametrize(
@@ -214,7 +208,7 @@ def test_backward_uniform_footprints_and_row_alignment(shape, pad, uniform, alig
     strides the kernel gets: wrong values give wrong gradients."""
     n, c, H, W, h, w = shape
     x, k2, k3, grad = make_inputs(*shape)
-    odd = _padded_rows((n, c, H, W), pad, torch.Generator().manual_seed(6))
+    odd = _padded((n, c, H, W), pad, torch.Generator().manual_seed(6), "row")
     x, grad = (odd, grad) if padded == "x" else (x, odd)
     assert gate.uniform_footprint(W, w) == uniform
     grads = [gate.empty_like_layout(t) for t in (x, k3)]
