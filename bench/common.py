@@ -87,7 +87,7 @@ CSV_SCHEMAS: dict[str, tuple[str, ...]] = {
     ),
     "sweep.csv": (
         "kernel", "config", "cfg_*", "num_warps", "num_stages", *_TIMING, "correct",
-        "table_key", "stage", "batch", *_SHAPE, "dtype", "layout", "gbps", "winner",
+        "table_key", "stage", "batch", *_SHAPE, "dtype", "layout", "search", "gbps", "winner",
         *META_COLUMNS,
     ),
     "models.csv": (

@@ -269,7 +269,9 @@ def plot_sweep(frame_or_path, path=None):
             if column.notna().any():
                 ax.text(col, list(table.index).index(column.idxmin()), "*", ha="center",
                         va="center", color="white", fontsize=10)  # fmt: skip
-        ax.set_title(f"{kernel} kernel: time / best time per case (* = winner, blank = failed)")
+        ax.set_title(
+            f"{kernel} kernel: time / best time per case (* = winner, blank = not timed or failed)"
+        )
         fig.colorbar(image, ax=ax, label="time / best (capped at 3)")
     timer = str(frame["timer"].iloc[0]) if "timer" in frame else ""
     note = ""

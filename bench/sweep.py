@@ -1,10 +1,17 @@
 """Autotuner sweep: ``python -m bench.sweep``.
 
-Times every configuration of the gating kernels' search space (``kernels.configs.search_space``)
-on the SCNet gating shapes, dtypes and layouts, checks each result against the eager reference,
-and writes the fastest correct configuration per (GPU name, kernel, ``table_key``) into the table
-``kernels`` reads (``kernels/tuned_configs.json``): shapes in the table launch their winner
-directly, shapes missing from it are autotuned at run time.
+Times the configurations of the gating kernels on the SCNet gating shapes, dtypes and layouts,
+checks each result against the eager reference, and writes the fastest correct configuration per
+(GPU name, kernel, ``table_key``) into the table ``kernels`` reads (``kernels/tuned_configs.json``):
+shapes in the table launch their winner directly, shapes missing from it are autotuned at run
+time.
+
+Which configurations: by default those the run-time autotuner would time for the case, the
+search space narrowed to the family that suits the layout (``kernels.configs.prune_for_layout``,
+through ``kernels.codegen.pruned_configs``), about a third of ``kernels.configs.search_space``
+over SCNet's cases, so a GPU run's budget reaches about three times as many shapes;
+``--all-configs`` times the whole search space on every case (the heat map then also shows how
+the other families fare). The ``search`` column says which.
 
 Outputs: ``sweep.csv`` (one row per configuration and case) and a copy of the table in the output
 directory; ``python -m bench.plots`` draws the heat map (time per configuration and shape).
@@ -36,7 +43,6 @@ from bench.common import (
 )
 from bench.gating import (
     GATING_SHAPES,
-    LAYOUTS,
     TINY_SHAPES,
     GatingShape,
     make_inputs,
@@ -45,6 +51,11 @@ from bench.gating import (
 from kernels.reference import sc_gate_reference
 
 TIMER_INTERPRETER = "triton interpreter (plumbing check, not a speed)"
+SEARCH_FAMILY = "layout family"  # the configurations prune_for_layout keeps for the case
+SEARCH_ALL = "whole search space"
+# The headline layout (channels_last: the inference target's) first, so that a budget that runs
+# out leaves the NCHW cases untuned, not those.
+SWEEP_LAYOUTS = ("channels_last", "nchw")
 KERNEL_MODES = {"forward": "forward", "backward": "backward"}
 
 
@@ -165,15 +176,18 @@ def run(
     shapes: tuple[GatingShape, ...] = GATING_SHAPES,
     batches=(256, 32),
     dtypes=("bf16", "fp16", "fp32"),
-    layouts=LAYOUTS,
+    layouts=SWEEP_LAYOUTS,
     table_path: str | Path | None = None,
+    all_configs: bool = False,
     max_configs: int | None = None,
     budget_s: float | None = None,
     warmup_ms: float = 5,
     rep_ms: float = 25,
 ) -> Path:
-    """Time the search space on every case; write ``sweep.csv`` and the winners' table."""
-    from kernels import configs
+    """Time the configurations of every case (the layout's family, or with ``all_configs`` the
+    whole search space; the first ``max_configs`` of them); write ``sweep.csv`` and the winners'
+    table."""
+    from kernels import codegen, configs
     from kernels.gate import INTERPRETED
 
     device = device or default_device()
@@ -214,11 +228,14 @@ def run(
             continue
         inputs = make_inputs(shape, batch, dtype_from_name(dtype), layout, device)
         for kernel in kernels_to_tune:
-            rows = time_configs(
-                kernel, configs.search_space(kernel)[:max_configs], inputs, dtype, timing
-            )
+            if all_configs:
+                search = configs.search_space(kernel)
+            else:
+                search = codegen.pruned_configs(kernel, *inputs[:3])
+            rows = time_configs(kernel, search[:max_configs], inputs, dtype, timing)
             case = {"table_key": key, "stage": shape.stage, "batch": batch, **shape.sizes(),
-                    "dtype": dtype, "layout": layout}  # fmt: skip
+                    "dtype": dtype, "layout": layout,
+                    "search": SEARCH_ALL if all_configs else SEARCH_FAMILY}  # fmt: skip
             nbytes = minimal_bytes(shape, batch, inputs[0].element_size(), KERNEL_MODES[kernel])
             valid = [r for r in rows if r["correct"]]
             best = min(valid, key=lambda r: r["ms"]) if valid else None
@@ -257,6 +274,12 @@ def main(argv=None) -> None:
     parser.add_argument("--batches", type=lambda s: tuple(int(v) for v in csv_list(s)))
     parser.add_argument("--dtypes", type=csv_list, default=None, help="fp32,fp16,bf16")
     parser.add_argument("--layouts", type=csv_list, default=None, help="nchw,channels_last")
+    parser.add_argument(
+        "--all-configs",
+        action="store_true",
+        help="time the whole search space on every case (default: the layout's family only, "
+        "what the run-time autotuner would time)",
+    )
     parser.add_argument("--max-configs", type=int, default=None, help="first N configs only")
     parser.add_argument("--tiny", action="store_true", help="one tiny shape (CPU dry runs)")
     parser.add_argument("--budget-s", type=float, default=None, help="stop after this long")
@@ -272,8 +295,9 @@ def main(argv=None) -> None:
         shapes=TINY_SHAPES if tiny else GATING_SHAPES,
         batches=args.batches or ((1,) if tiny else (256, 32)),
         dtypes=args.dtypes or (("fp32",) if tiny else ("bf16", "fp16", "fp32")),
-        layouts=args.layouts or LAYOUTS,
+        layouts=args.layouts or SWEEP_LAYOUTS,
         table_path=args.table,
+        all_configs=args.all_configs,
         max_configs=args.max_configs,
         budget_s=args.budget_s,
     )

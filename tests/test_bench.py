@@ -423,10 +423,12 @@ def test_sweep_writes_one_winner_per_kernel_and_never_the_kernels_table(tmp_path
         batches=(1,),
         dtypes=("fp32",),
         layouts=("nchw",),
+        all_configs=True,
         max_configs=2,
     )
     frame = pd.read_csv(path)
     common.check_columns("sweep.csv", frame.columns)
+    assert (frame["search"] == sweep.SEARCH_ALL).all()
     # One cfg_ column per meta-parameter of the kernels swept.
     meta_parameters = {p for k in configs.KERNELS for p in configs.META_PARAMETERS[k]}
     assert {c for c in frame.columns if c.startswith("cfg_")} == {
@@ -466,12 +468,49 @@ def test_sweep_records_a_configuration_the_gpu_cannot_run_and_goes_on(tmp_path, 
     monkeypatch.setattr(kernels.gate, "gate_forward", forward_out_of_shared_memory)
     path = sweep.run(tmp_path, device="cpu", kernels_to_tune=("forward",),
                      shapes=gating.TINY_SHAPES, batches=(1,), dtypes=("fp32",),
-                     layouts=("nchw",), max_configs=2)  # fmt: skip
+                     layouts=("nchw",), all_configs=True, max_configs=2)  # fmt: skip
     frame = pd.read_csv(path).set_index("config")
     assert not frame.loc[first, "correct"] and pd.isna(frame.loc[first, "ms"])
     assert not frame.loc[first, "winner"]
     (winner,) = frame.index[frame["winner"]]
     assert winner != first and frame.loc[winner, "correct"]
+
+
+@NO_CUDA  # the Triton kernels through the interpreter, on CPU tensors
+def test_sweep_times_the_layout_family_by_default(tmp_path, monkeypatch):
+    """By default each case times what the run-time autotuner would (the launch's pruned
+    configurations), not the whole search space; the ``search`` column says so."""
+    from kernels import codegen, configs
+
+    # A shape whose family is a strict part of the search space for both kernels; timed without
+    # launching (the interpreter would take minutes over a real SCNet shape).
+    shape = gating.GatingShape("probe", 8, 16, 16, 4, 4, {"scnet50": 1, "scnet101": 1})
+    timed = {}
+
+    def record(kernel, search, inputs, dtype, timing):
+        timed[kernel] = [sweep.config_name(c) for c in search]
+        x, k2, k3, _ = inputs
+        pruned = codegen.pruned_configs(kernel, x, k2, k3)
+        assert 0 < len(pruned) < len(configs.search_space(kernel)), kernel
+        assert timed[kernel] == [sweep.config_name(c) for c in pruned], kernel
+        return [{"kernel": kernel, "config": timed[kernel][0], "cfg_BLOCK_C": 1,
+                 "num_warps": 4, "num_stages": 3, "ms": 1.0, "ms_p20": 1.0, "ms_p80": 1.0,
+                 "correct": True, "_config": search[0]}]  # fmt: skip
+
+    monkeypatch.setattr(sweep, "time_configs", record)
+    path = sweep.run(tmp_path, device="cpu", shapes=(shape,), batches=(1,), dtypes=("fp32",),
+                     layouts=("channels_last",))  # fmt: skip
+    assert set(timed) == {"forward", "backward"}
+    frame = pd.read_csv(path)
+    assert (frame["search"] == sweep.SEARCH_FAMILY).all()
+    assert (frame["layout"] == "channels_last").all()
+
+
+def test_sweep_tunes_the_headline_layout_first():
+    assert sweep.SWEEP_LAYOUTS[0] == "channels_last"
+    assert sorted(sweep.SWEEP_LAYOUTS) == sorted(gating.LAYOUTS)
+    cases = list(sweep.cases(gating.GATING_SHAPES[:1], (4,), ("bf16",), sweep.SWEEP_LAYOUTS))
+    assert [c[3] for c in cases] == ["channels_last", "nchw"]
 
 
 def test_sweep_cases_are_deduplicated_by_table_key():
