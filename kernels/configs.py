@@ -74,9 +74,13 @@ def _uniform_footprint_configs() -> list[triton.Config]:
 def _channel_configs(kernel: str) -> list[triton.Config]:
     """Tiles long along C: for channels_last, where each pixel's channels are contiguous."""
     if kernel == "forward":
-        # SCNet's gated C is 32-256 per stage: cover it in one or two blocks.
+        # SCNet's gated C is 32-256 per stage: cover it in one or two blocks. Layer1's C = 32
+        # fits only BLOCK_C 32: (32, 32) alone would leave its largest gate nothing to choose
+        # from, so it also gets the 2048 and 4096 elements per program the plane tiles try.
         shapes = [(32, 32), (64, 16), (64, 32), (128, 8), (128, 16), (256, 8)]
-        return [triton.Config({"BLOCK_C": c, "BLOCK_HW": s}, num_warps=4) for c, s in shapes]
+        shapes += [(32, 64)]
+        channel = [triton.Config({"BLOCK_C": c, "BLOCK_HW": s}, num_warps=4) for c, s in shapes]
+        return channel + [triton.Config({"BLOCK_C": 32, "BLOCK_HW": 128}, num_warps=8)]
     shapes = [(32, 4), (64, 2), (64, 4), (128, 1), (128, 2), (256, 1)]
     channel = [triton.Config({"BLOCK_C": c, "BLOCK_Q": q}, num_warps=4) for c, q in shapes]
     # Layer1's C = 32 takes at most BLOCK_C 32: (32, 4) on 4 warps gives a thread 4 channels, an
