@@ -56,6 +56,10 @@ SEARCH_ALL = "whole search space"
 # The headline layout (channels_last: the inference target's) first, so that a budget that runs
 # out leaves the NCHW cases untuned, not those.
 SWEEP_LAYOUTS = ("channels_last", "nchw")
+# bf16 and fp32 are the model benchmark's precisions (bf16 autocast is its headline); fp16 only
+# the gating micro-benchmark's.
+SWEEP_DTYPES = ("bf16", "fp32", "fp16")
+SWEEP_BATCHES = (256, 32)
 KERNEL_MODES = {"forward": "forward", "backward": "backward"}
 
 
@@ -81,12 +85,13 @@ def _reference(x, k2, k3, g):
 
 
 def cases(shapes, batches, dtypes, layouts):
-    """(shape, batch, dtype, layout, table_key) in priority order, one per distinct key."""
+    """(shape, batch, dtype, layout, table_key) in priority order, one per distinct key: dtype
+    first, then batch, layout, shape (every batch of the first dtype before the next dtype)."""
     from kernels.configs import table_key
 
     seen = set()
-    for batch in batches:
-        for dtype in dtypes:
+    for dtype in dtypes:
+        for batch in batches:
             for layout in layouts:
                 memory_format = (
                     torch.channels_last if layout == "channels_last" else torch.contiguous_format
@@ -174,8 +179,8 @@ def run(
     device: str | None = None,
     kernels_to_tune=("forward", "backward"),
     shapes: tuple[GatingShape, ...] = GATING_SHAPES,
-    batches=(256, 32),
-    dtypes=("bf16", "fp16", "fp32"),
+    batches=SWEEP_BATCHES,
+    dtypes=SWEEP_DTYPES,
     layouts=SWEEP_LAYOUTS,
     table_path: str | Path | None = None,
     all_configs: bool = False,
@@ -293,8 +298,8 @@ def main(argv=None) -> None:
         device=device,
         kernels_to_tune=args.kernels,
         shapes=TINY_SHAPES if tiny else GATING_SHAPES,
-        batches=args.batches or ((1,) if tiny else (256, 32)),
-        dtypes=args.dtypes or (("fp32",) if tiny else ("bf16", "fp16", "fp32")),
+        batches=args.batches or ((1,) if tiny else SWEEP_BATCHES),
+        dtypes=args.dtypes or (("fp32",) if tiny else SWEEP_DTYPES),
         layouts=args.layouts or SWEEP_LAYOUTS,
         table_path=args.table,
         all_configs=args.all_configs,

@@ -506,11 +506,18 @@ def test_sweep_times_the_layout_family_by_default(tmp_path, monkeypatch):
     assert (frame["layout"] == "channels_last").all()
 
 
-def test_sweep_tunes_the_headline_layout_first():
+def test_sweep_tunes_the_model_benchmark_headline_first():
+    """A budget that runs out should leave the least used cases untuned: bf16 channels_last at
+    every batch first, fp16 (which the model benchmark never runs) last."""
     assert sweep.SWEEP_LAYOUTS[0] == "channels_last"
     assert sorted(sweep.SWEEP_LAYOUTS) == sorted(gating.LAYOUTS)
-    cases = list(sweep.cases(gating.GATING_SHAPES[:1], (4,), ("bf16",), sweep.SWEEP_LAYOUTS))
-    assert [c[3] for c in cases] == ["channels_last", "nchw"]
+    assert sweep.SWEEP_DTYPES == ("bf16", "fp32", "fp16")
+    cases = list(sweep.cases(gating.GATING_SHAPES[:1], sweep.SWEEP_BATCHES, sweep.SWEEP_DTYPES,
+                             sweep.SWEEP_LAYOUTS))  # fmt: skip
+    order = [(dtype, batch, layout) for _, batch, dtype, layout, _ in cases]
+    assert order[:4] == [("bf16", 256, "channels_last"), ("bf16", 256, "nchw"),
+                         ("bf16", 32, "channels_last"), ("bf16", 32, "nchw")]  # fmt: skip
+    assert [dtype for dtype, _, _ in order[-4:]] == ["fp16"] * 4
 
 
 def test_sweep_cases_are_deduplicated_by_table_key():
