@@ -19,9 +19,10 @@ nested clones that way).
 Counts do not depend on the data or the image size, so the command line runs on PyTorch's
 ``meta`` device by default (shapes only, no arithmetic); ``--device cpu`` runs real forwards and
 gives the same counts (``tests/test_inference.py`` checks that). They depend on the batch size
-for optimized SCNets only: at batch 1 (what the command line uses) each block runs its merged
-``conv1``, 14 ops; at larger batches ``conv1_a`` and ``conv1_b`` separately, 15 ops (SCNet-50:
-249 at batch 1, 265 at batch 2); see ``scconv/inference.py``.
+for optimized SCNets only: at batch 1 (what the command line uses) each block ReLUs its merged
+``conv1`` output in place and splits it into two views, 14 ops; at larger batches (or in
+channels_last) each view gets its own ReLU, which writes it dense, 15 ops (SCNet-50: 249 at
+batch 1, 265 at batch 2); see ``scconv/inference.py``.
 
     python -m bench.opcount                      # the table for every model
     python -m bench.opcount --breakdown scnet50  # ops by name, original vs optimized

@@ -10,17 +10,22 @@ batch 1, and one more at larger batches (see the second point):
   ``W' = W * s``, ``b' = (b - mean) * s + beta``, ``s = gamma / sqrt(var + eps)`` (s and b' in
   float64, W * s in float32, or float64 for float64 weights; rounded once to the weight's dtype);
 - ``conv1_a`` and ``conv1_b`` (both 1x1 on the block input) become one convolution ``conv1`` with
-  concatenated weights followed by one ReLU, used where its two channel halves are dense tensors:
-  one image in NCHW. Everywhere else (batch > 1, or channels_last at any batch) a channel half of
-  the merged output is strided, and PyTorch's convolution (``k1``, ``k3``) and ``avg_pool2d``
-  (``k2``) copy a strided input (``aten::contiguous`` -> ``clone`` -> ``copy_``, nested, so the
-  op counter does not see them): 3 hidden copies per block, 48 per SCNet-50 forward. There the
-  block runs ``conv1_a`` and ``conv1_b`` (parameters: views of ``conv1``'s) with a ReLU each, one
-  op more and no copy. Measured on a 2-core CPU (1 torch thread, batch 2, 128 px, random
-  weights, median of 15 forwards after 3 warm-ups under ``torch.inference_mode()``), SCNet-50
-  eager / merged-always / this design: 90.8 / 121.7 / 84.3 ms; SCNet-50 v1d 102.4 / 101.8 /
-  96.0 ms. The gating input ``x`` is ``out_b`` as it lies (a dense slice at batch 1,
-  ``conv1_b``'s output otherwise): the Triton gate and the eager gate both take it without a copy;
+  concatenated weights, so the block input, the largest tensor of the block, is read once. Where
+  the two channel halves of its output are dense (one image in NCHW), one in-place ReLU follows
+  and the halves are views. Everywhere else (batch > 1, or channels_last at any batch) a half is
+  strided, and PyTorch's convolution (``k1``, ``k3``) and ``avg_pool2d`` (``k2``) would copy a
+  strided input (``aten::contiguous`` -> ``clone`` -> ``copy_``, nested, so the op counter does
+  not see them): 3 hidden copies per block, 48 per SCNet-50 forward. There each half gets its own
+  out-of-place ReLU, which reads the strided half and writes a dense tensor in the output's
+  memory format: the ReLU has to read and write every element anyway, so the halves become dense
+  at no extra cost. Bytes moved per SCNet-50 forward (bf16, channels_last, batch 256, 224 px,
+  counted from the ops' tensor sizes on the meta device): 27.9 GB with ``conv1_a`` and
+  ``conv1_b`` run as two convolutions (the design before this one), 25.0 GB with this one
+  (ResNet-50 optimized: 22.0 GB). On a 2-core CPU (1 thread, batch 2, 128 px, median of 15
+  forwards) the two designs take the same time within noise (SCNet-50 NCHW 69-73 ms,
+  channels_last 64-68 ms). The gating input ``x`` is ``out_b`` as it lies (a dense slice at
+  batch 1, its ReLU's output otherwise): the Triton gate and the eager gate both take it without
+  a copy;
 - the two ReLUs after ``k1`` and SC-Conv and the ``torch.cat`` before ``conv3`` become one
   ``torch.ops.scconv.relu_cat`` (each element read once and written once into the buffer
   ``conv3`` reads; with ``avd``, one average pool then runs on that buffer instead of two);
@@ -131,35 +136,32 @@ class FusedSCBottleneck(_FusedBlock):
     """``SCBottleneck`` with BatchNorm folded, the twin 1x1 convolutions merged and the ReLUs,
     concatenation and residual addition fused (see the module docstring).
 
-    Children: ``conv1`` (in -> Ca + Cb, the merged folded 1x1), ``conv1_a`` and ``conv1_b`` (its
-    two halves: their parameters are views of ``conv1``'s), ``k1`` (folded), ``scconv`` (the block's
-    ``SCConv`` with folded ``k2``/``k3``/``k4``), ``conv3``, ``downsample`` (folded or None) and
-    ``avd_layer`` (or None).
+    Children: ``conv1`` (in -> Ca + Cb, the merged folded 1x1), ``k1`` (folded), ``scconv`` (the
+    block's ``SCConv`` with folded ``k2``/``k3``/``k4``), ``conv3``, ``downsample`` (folded or
+    None) and ``avd_layer`` (or None).
     """
 
     def __init__(self, conv1, split_sizes, k1, scconv, conv3, downsample, avd_layer):
         super().__init__()
         self.conv1 = conv1
         self.split_sizes = list(split_sizes)
-        self.conv1_a, self.conv1_b = _split_conv(conv1, self.split_sizes)
         self.k1 = k1
         self.scconv = scconv
         self.conv3 = conv3
         self.downsample = downsample
         self.avd_layer = avd_layer
 
-    def _halves_are_dense(self, x: torch.Tensor) -> bool:
-        """Whether the channel halves of ``conv1(x)`` are dense: one image in NCHW."""
-        return x.shape[0] == 1 and x.is_contiguous() and self.conv1.weight.is_contiguous()
+    def projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``relu(conv1_a(x))`` and ``relu(conv1_b(x))`` from one convolution, both dense."""
+        merged = self.conv1(x)
+        if merged.shape[0] == 1 and merged.is_contiguous():  # one image in NCHW: dense halves
+            return _relu(merged).split(self.split_sizes, dim=1)  # one launch, two views
+        # Strided halves (see the module docstring): the ReLU of each writes it dense, where k1,
+        # k2's pool and k3 would otherwise each copy it.
+        return tuple(F.relu(half) for half in merged.split(self.split_sizes, dim=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._halves_are_dense(x):
-            out_a, out_b = _relu(self.conv1(x)).split(self.split_sizes, dim=1)
-        else:
-            # Halves of a batch (or of channels_last) would be strided: k1, k2's pool and k3
-            # would each copy theirs (see the module docstring). Two dense outputs instead.
-            out_a = _relu(self.conv1_a(x))
-            out_b = _relu(self.conv1_b(x))
+        out_a, out_b = self.projections(x)
         # out_b, dense either way, is also the gating input x, handed over without a copy.
         out = torch.ops.scconv.relu_cat(self.k1(out_a), self.scconv(out_b))
         if self.avd_layer is not None:
@@ -299,25 +301,6 @@ def _merge_convs(first: nn.Conv2d, second: nn.Conv2d, bn_first, bn_second) -> nn
     weight_a, bias_a = _folded_weights(first, bn_first)
     weight_b, bias_b = _folded_weights(second, bn_second)
     return _conv_like(first, torch.cat([weight_a, weight_b]), torch.cat([bias_a, bias_b]))
-
-
-def _split_conv(conv: nn.Conv2d, split_sizes) -> tuple[nn.Conv2d, ...]:
-    """Convolutions computing the output-channel blocks of ``conv`` (sizes ``split_sizes``).
-
-    Their parameters are views of ``conv``'s (output channels are the outermost dimension of a
-    weight in either memory format, so each block is dense): no second copy of the weights. A
-    later ``model.to(...)`` converts each parameter on its own and gives the halves their own
-    storage, with the same values.
-    """
-    # _conv_like keeps these views: each block already has conv's dtype and memory format.
-    return tuple(
-        _conv_like(conv, weight, bias)
-        for weight, bias in zip(
-            conv.weight.detach().split(split_sizes),
-            conv.bias.detach().split(split_sizes),
-            strict=True,
-        )
-    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -180,17 +180,28 @@ def test_fused_sc_bottleneck_eager_and_triton_gate(stride, avd, perturb_batchnor
         assert _relative_error(optimized(x), ref) <= RTOL
 
 
-@pytest.mark.parametrize("batch", [1, 2])
-def test_gate_input_reaches_the_gate_without_a_copy(batch, perturb_batchnorm, monkeypatch):
-    """The gating's x is the projection output itself: at batch 1 a dense channel slice of the
-    merged conv1's output, at batch 2 conv1_b's output (a slice would be strided there). On
-    DEVICE: with a GPU, cuDNN's output layout decides it."""
+@pytest.mark.parametrize(
+    "batch, memory_format",
+    [(1, torch.contiguous_format), (2, torch.contiguous_format), (1, torch.channels_last)],
+)
+def test_gate_input_reaches_the_gate_without_a_copy(
+    batch, memory_format, perturb_batchnorm, monkeypatch
+):
+    """One merged conv1 at every batch size and layout. The gating's x is the projection output
+    itself: for one NCHW image a dense channel slice of conv1's output (ReLU'd in place);
+    elsewhere a slice would be strided, and x is its ReLU's output, dense in the input's memory
+    format. On DEVICE: with a GPU, cuDNN's output layout decides it."""
     import scconv.modules
 
     block = optimize_for_inference(_sc_block(perturb_batchnorm)).to(DEVICE)
-    seen = {}
-    block.conv1.register_forward_hook(lambda m, i, out: seen.update(merged=out))
-    block.conv1_b.register_forward_hook(lambda m, i, out: seen.update(half=out))
+    block = block.to(memory_format=memory_format)
+    seen = {"conv1 calls": 0}
+
+    def record_conv1(module, inputs, out):
+        seen["conv1 calls"] += 1
+        seen["merged"] = out
+
+    block.conv1.register_forward_hook(record_conv1)
     real_gate = scconv.modules.sc_gate
 
     def recording_gate(x, k2, k3, gate):
@@ -199,15 +210,17 @@ def test_gate_input_reaches_the_gate_without_a_copy(batch, perturb_batchnorm, mo
 
     monkeypatch.setattr(scconv.modules, "sc_gate", recording_gate)
     with torch.no_grad():
-        block(torch.randn(batch, 64, 12, 12, device=DEVICE))
-    x = seen["x"]
-    assert x.is_contiguous()  # k2's pool, k3 and the gate all read it as it lies
-    if batch == 1:
-        assert "half" not in seen
-        assert x.data_ptr() == seen["merged"][:, 8:].data_ptr()
+        block(torch.randn(batch, 64, 12, 12, device=DEVICE).to(memory_format=memory_format))
+    x, merged = seen["x"], seen["merged"]
+    assert seen["conv1 calls"] == 1
+    # k2's pool, k3 and the gate all read it as it lies.
+    assert x.is_contiguous(memory_format=memory_format)
+    if batch == 1 and memory_format == torch.contiguous_format:
+        assert x.data_ptr() == merged[:, 8:].data_ptr()
     else:
-        assert "merged" not in seen
-        assert x.data_ptr() == seen["half"].data_ptr()
+        assert not merged[:, 8:].is_contiguous(memory_format=memory_format)
+        assert x.untyped_storage().data_ptr() != merged.untyped_storage().data_ptr()
+        torch.testing.assert_close(x, merged[:, 8:].relu(), rtol=0, atol=0)
 
 
 def test_channels_last(perturb_batchnorm):
@@ -504,7 +517,6 @@ def test_scnet50_optimized_at_most_250_ops(pair):
     assert sum(after.values()) <= 250
     assert after["aten.native_batch_norm.default"] == after["aten.cat.default"] == 0
     # 16 blocks x 7 convolutions + stem + 4 downsamples, minus one per merged conv1_a/conv1_b
-    # (merged at batch 1 only: see test_no_hidden_copies_at_batch_2)
     assert after["aten.convolution.default"] == 16 * 6 + 1 + 4
     assert after["scconv.relu_cat.default"] == after["scconv.add_relu_.default"] == 16
     assert after["aten.sigmoid.default"] == 16  # the eager gate is still there, four ops each
@@ -573,19 +585,21 @@ def _clones_per_forward(model, x):
 
 @pytest.mark.parametrize("name", ["scnet50", "scnet50_v1d"])
 def test_no_hidden_copies_at_batch_2(name, pair):
-    """The optimized blocks add no copies of activations: at batch 2 a channel slice of a merged
-    conv1 output would be strided, and k1, k2's pool and k3 would each clone theirs (48 clones more
-    per SCNet-50 forward). The original's clones (the eager gate's upsample) are still there."""
+    """The optimized blocks add no copies of activations: at batch 2 a channel slice of the merged
+    conv1 output is strided, and if it reached them k1, k2's pool and k3 would each clone theirs
+    (48 clones more per SCNet-50 forward); the ReLU of each half writes it dense instead. The
+    original's clones (the eager gate's upsample) are still there. One merged conv1 per block."""
     model, optimized = pair(name)
     x = torch.randn(2, 3, 128, 128)
     before, after = _clones_per_forward(model, x), _clones_per_forward(optimized, x)
     assert after <= before
-    # The probe sees nested clones: a strided conv input in the same forward is counted.
+    convolutions = [aten_op_counts(m, x)["aten.convolution.default"] for m in (model, optimized)]
+    assert convolutions[1] == convolutions[0] - 16
+    # The probe sees nested clones: strided halves handed on as they are get counted.
     strided = optimize_for_inference(copy.deepcopy(model))
     for block in strided.modules():
         if type(block) is FusedSCBottleneck:
-            block.conv1_a = block.conv1_b = None  # the separate path must not run
-            block._halves_are_dense = lambda x: True  # forces the merged path
+            block.projections = lambda x, b=block: b.conv1(x).relu_().split(b.split_sizes, dim=1)
     assert _clones_per_forward(strided, x) >= before + 16 * 3
 
 
