@@ -100,7 +100,7 @@ OUTPUTS = {
     "sweep": ("sweep.csv", "tuned_configs.json"),
     "gating": ("gating.csv", "bandwidth.csv"),
     "models": ("models.csv", "models_skipped.csv", "breakdown.csv", "aten_ops.csv",
-               "model_summary.csv", *TRACE_FILES),
+               "bytes_moved.csv", "model_summary.csv", *TRACE_FILES),
 }  # fmt: skip
 
 

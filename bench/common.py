@@ -102,6 +102,10 @@ CSV_SCHEMAS: dict[str, tuple[str, ...]] = {
     "aten_ops.csv": (
         "model", "original", "optimized", "optimized_triton_gate", "saved", *META_COLUMNS,
     ),
+    "bytes_moved.csv": (
+        "model", "original_gb", "optimized_gb", "saved", "optimized_vs_resnet", "batch", "dtype",
+        "layout", "image_size", *META_COLUMNS,
+    ),
     "model_summary.csv": ("model", "params_M", "GMACs", "input", *META_COLUMNS),
 }  # fmt: skip
 

@@ -49,6 +49,7 @@ from bench.common import (
     csv_list,
     default_device,
     default_out_dir,
+    dtype_name,
     log,
     metadata,
     peak_memory_mib,
@@ -748,6 +749,10 @@ def run(
         _write_op_counts(out_dir, meta, settings)
     except Exception as error:
         record_failure(failures, "models: ATen op counts", error)
+    try:
+        _write_bytes_moved(out_dir, meta, settings)
+    except Exception as error:
+        record_failure(failures, "models: bytes moved", error)
     path = writer.close()
     if skipped:
         log(f"models: {len(skipped)} of {len(cases)} cases skipped (budget or memory)")
@@ -767,6 +772,27 @@ def _write_op_counts(out_dir: Path, meta: dict, settings: dict) -> Path:
     for column, value in {**meta, "timer": "none (ops counted on the meta device)"}.items():
         frame[column] = value
     return write_csv(frame, out_dir / "aten_ops.csv")
+
+
+def _write_bytes_moved(out_dir: Path, meta: dict, settings: dict) -> Path:
+    """GB one forward of each model moves, original and optimized (``bench.opcount``'s traffic
+    model, on the meta device) at the headline precision, layout and batch, as
+    ``bytes_moved.csv``: what the measured inference time ratios can be held against."""
+    from bench.opcount import bytes_table
+
+    precision = settings["precisions"][0]
+    dtype = dtype_name(PRECISIONS[precision] or torch.float32)
+    frame = bytes_table(
+        settings["models"],
+        size=settings["image_size"],
+        batch=settings["batches"][0],
+        dtype=dtype,
+        layout=settings["layouts"][0],
+    )
+    timer = "none (bytes counted on the meta device)"
+    for column, value in {**meta, "timer": timer}.items():
+        frame[column] = value
+    return write_csv(frame, out_dir / "bytes_moved.csv")
 
 
 def _run_breakdown(

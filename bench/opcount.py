@@ -24,8 +24,18 @@ for optimized SCNets only: at batch 1 (what the command line uses) each block Re
 channels_last) each view gets its own ReLU, which writes it dense, 15 ops (SCNet-50: 249 at
 batch 1, 265 at batch 2); see ``scconv/inference.py``.
 
+``--bytes`` counts instead the bytes each forward moves (``ByteCounter``): every top-level op
+reads its tensor arguments once and writes its outputs once (views move nothing; an in-place op
+writes what it returns), weights included. It is a traffic model, not a measurement: a kernel may
+read an input more than once (a convolution's tiles) or find it in L2, and nested copies are not
+seen. For a memory-bound network at a large batch the ratio of two models' bytes is the ratio
+their run times approach; SCNet-50 optimized / ResNet-50 optimized at bf16, channels_last, batch
+256 is 25.0 / 22.0 GB.
+
     python -m bench.opcount                      # the table for every model
     python -m bench.opcount --breakdown scnet50  # ops by name, original vs optimized
+    python -m bench.opcount --bytes --batch 256 --dtype bf16 --channels-last
+    python -m bench.opcount --bytes --breakdown scnet50 --batch 256 --dtype bf16 --channels-last
 """
 
 import argparse
@@ -35,8 +45,10 @@ import warnings
 import pandas as pd
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import scconv
+from bench.common import DTYPES, dtype_from_name
 from scconv.inference import optimize_for_inference
 from scconv.models import InputTooSmallError
 
@@ -49,6 +61,7 @@ _ALLOCATIONS = frozenset(
         torch.ops.aten.new_empty_strided,
     )
 )
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 # Every model of scconv.list_models(): the four SCNets, then the two ResNets.
 DEFAULT_MODELS = ("scnet50", "scnet101", "scnet50_v1d", "scnet101_v1d", "resnet50", "resnet101")
 
@@ -74,6 +87,47 @@ class OpCounter(TorchDispatchMode):
     @property
     def total(self) -> int:
         return sum(self.counts.values())
+
+
+class ByteCounter(TorchDispatchMode):
+    """Bytes read and written by dispatched ops, by op name; see the module docstring.
+
+    ``read`` and ``written`` hold the counts by op name (``"aten.convolution.default"``).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.read: collections.Counter[str] = collections.Counter()
+        self.written: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        returns = func._schema.returns
+        is_view = any(r.alias_info is not None and not r.alias_info.is_write for r in returns)
+        if func.overloadpacket in _ALLOCATIONS or is_view:
+            return out
+        name = str(func)
+        self.read[name] += sum(_nbytes(t) for t in tree_flatten((args, kwargs))[0])
+        self.written[name] += sum(_nbytes(t) for t in tree_flatten(out)[0])
+        return out
+
+    @property
+    def total(self) -> int:
+        return sum(self.read.values()) + sum(self.written.values())
+
+
+def _nbytes(value) -> int:
+    if not isinstance(value, torch.Tensor):
+        return 0
+    return value.numel() * value.element_size()
+
+
+def bytes_moved(model: torch.nn.Module, x: torch.Tensor) -> ByteCounter:
+    """The bytes one ``model(x)`` under ``torch.no_grad()`` reads and writes, by op."""
+    with torch.no_grad(), ByteCounter() as counter:
+        model(x)
+    return counter
 
 
 def aten_op_counts(model: torch.nn.Module, x: torch.Tensor) -> collections.Counter[str]:
@@ -149,10 +203,80 @@ def breakdown(name: str, size: int = 224, batch: int = 1, device: str = "meta") 
     return pd.concat([table, pd.DataFrame([total])], ignore_index=True)
 
 
+def _traffic_models(name: str, size: int, batch: int, dtype: str, layout: str):
+    """(original, optimized, input) on the meta device in ``dtype`` and ``layout``: SCNets with
+    the official eager gating in the original and the fused Triton gate in the optimized model
+    (what a GPU runs)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; valid layouts are {', '.join(LAYOUTS)}")
+    convert = {"dtype": dtype_from_name(dtype), "memory_format": LAYOUTS[layout]}
+    original, optimized = _models(name, "meta", "eager" if _has_gate(name) else None)
+    if _has_gate(name):
+        scconv.set_gate(optimized, "triton")
+    x = torch.empty(batch, 3, size, size, device="meta")
+    return original.to(**convert), optimized.to(**convert), x.to(**convert)
+
+
+def bytes_table(
+    names=DEFAULT_MODELS, size: int = 224, batch: int = 1, dtype: str = "fp32", layout="nchw"
+) -> pd.DataFrame:
+    """One row per model: GB (1e9 bytes) one forward moves, original and optimized, and the
+    optimized model's bytes over those of the optimized ResNet of the same depth (counted on the
+    meta device; see the module docstring)."""
+    from bench.models import BASELINES
+
+    moved = {}
+
+    def gigabytes(name):
+        if name not in moved:
+            original, optimized, x = _traffic_models(name, size, batch, dtype, layout)
+            moved[name] = tuple(bytes_moved(m, x).total / 1e9 for m in (original, optimized))
+        return moved[name]
+
+    rows = []
+    for name in names:
+        original, optimized = gigabytes(name)
+        rows.append(
+            {
+                "model": name,
+                "original_gb": round(original, 3),
+                "optimized_gb": round(optimized, 3),
+                "saved": f"{1 - optimized / original:.0%}",
+                "optimized_vs_resnet": round(optimized / gigabytes(BASELINES[name])[1], 3),
+                "batch": batch,
+                "dtype": dtype,
+                "layout": layout,
+                "image_size": size,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def bytes_breakdown(
+    name: str, size: int = 224, batch: int = 1, dtype: str = "fp32", layout="nchw"
+) -> pd.DataFrame:
+    """GB moved by op name for one model, original vs optimized."""
+    original, optimized, x = _traffic_models(name, size, batch, dtype, layout)
+    before, after = bytes_moved(original, x), bytes_moved(optimized, x)
+
+    def by_op(counter):
+        return counter.read + counter.written
+
+    before_ops, after_ops = by_op(before), by_op(after)
+    rows = [
+        {"op": op, "original_gb": before_ops[op] / 1e9, "optimized_gb": after_ops[op] / 1e9}
+        for op in sorted(set(before_ops) | set(after_ops))
+    ]
+    table = pd.DataFrame(rows).sort_values("original_gb", ascending=False, ignore_index=True)
+    total = {"op": "total", "original_gb": before.total / 1e9, "optimized_gb": after.total / 1e9}
+    return pd.concat([table, pd.DataFrame([total])], ignore_index=True).round(3)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench.opcount",
-        description="ATen ops per forward, before and after scconv.optimize_for_inference.",
+        description="ATen ops (or, with --bytes, bytes moved) per forward, before and after "
+        "scconv.optimize_for_inference.",
     )
     parser.add_argument(
         "names", nargs="*", metavar="NAME", help=f"models (default: {' '.join(DEFAULT_MODELS)})"
@@ -165,6 +289,16 @@ def main(argv=None) -> None:
         help="meta (default: shapes only, instant), cpu or cuda; counts are the same",
     )
     parser.add_argument("--breakdown", metavar="NAME", help="ops by name for one model")
+    parser.add_argument(
+        "--bytes",
+        action="store_true",
+        help="GB each forward reads and writes (a traffic model, on the meta device) instead of "
+        "op counts",
+    )
+    parser.add_argument("--dtype", choices=DTYPES, help="with --bytes: fp32 (default), bf16, fp16")
+    parser.add_argument(
+        "--channels-last", action="store_true", help="with --bytes: channels_last models and input"
+    )
     args = parser.parse_args(argv)
     known = scconv.list_models()
     unknown = [n for n in [*args.names, args.breakdown] if n is not None and n not in known]
@@ -172,8 +306,22 @@ def main(argv=None) -> None:
         parser.error(f"unknown model(s) {', '.join(unknown)}; available: {', '.join(known)}")
     if args.size < 1 or args.batch < 1:
         parser.error("--size and --batch must be positive")
+    if not args.bytes and (args.dtype or args.channels_last):
+        parser.error("--dtype and --channels-last go with --bytes")
+    if args.bytes and args.device != "meta":
+        parser.error("--bytes counts on the meta device only (bytes depend on shapes alone)")
+    traffic = {
+        "size": args.size,
+        "batch": args.batch,
+        "dtype": args.dtype or "fp32",
+        "layout": "channels_last" if args.channels_last else "nchw",
+    }
     try:
-        if args.breakdown:
+        if args.bytes and args.breakdown:
+            table = bytes_breakdown(args.breakdown, **traffic)
+        elif args.bytes:
+            table = bytes_table(args.names or DEFAULT_MODELS, **traffic)
+        elif args.breakdown:
             table = breakdown(args.breakdown, args.size, args.batch, args.device)
         else:
             names = args.names or DEFAULT_MODELS

@@ -123,6 +123,7 @@ def summarize(out_dir) -> str:
             "models_skipped",
             "model_summary",
             "aten_ops",
+            "bytes_moved",
         )
     }
     tests = test_result(out_dir)
@@ -251,6 +252,13 @@ def summarize(out_dir) -> str:
         table = aten_ops[[c for c in columns if c in aten_ops]].to_string(index=False)
         lines.extend("  " + line for line in table.splitlines())
 
+    moved = frames["bytes_moved"]
+    if moved is not None:
+        lines.append("")
+        lines.append(f"GB moved per forward ({_traffic_case(moved)}; a traffic model, not timed):")
+        table = moved[list(BYTES_COLUMNS)].to_string(index=False)
+        lines.extend("  " + line for line in table.splitlines())
+
     sweep = frames["sweep"]
     if sweep is not None:
         winners = sweep[sweep["winner"].astype(bool)]
@@ -304,7 +312,7 @@ def readme_tables(out_dir) -> str:
     out_dir = Path(out_dir)
     frames = {
         name: _read(out_dir, f"{name}.csv")
-        for name in ("gating", "models", "aten_ops", "breakdown")
+        for name in ("gating", "models", "aten_ops", "breakdown", "bytes_moved")
     }
     any_frame = next((f for f in frames.values() if f is not None and "device" in f), None)
     if any_frame is None:
@@ -403,7 +411,23 @@ def readme_tables(out_dir) -> str:
         lines += _markdown_table(
             columns, [[str(row[c]) for c in columns] for _, row in aten_ops.iterrows()]
         )
+
+    moved = frames["bytes_moved"]
+    if moved is not None:
+        lines += ["", f"GB moved per forward ({_traffic_case(moved)}; `python -m bench.opcount "
+                  "--bytes`, a traffic model, not timed):", ""]  # fmt: skip
+        rows = [[str(row[c]) for c in BYTES_COLUMNS] for _, row in moved.iterrows()]
+        lines += _markdown_table(list(BYTES_COLUMNS), rows)
     return "\n".join(lines)
+
+
+BYTES_COLUMNS = ("model", "original_gb", "optimized_gb", "saved", "optimized_vs_resnet")
+
+
+def _traffic_case(moved) -> str:
+    """``"bf16, channels_last, batch 256, 224 px"``: the case ``bytes_moved.csv`` counts."""
+    row = moved.iloc[0]
+    return f"{row['dtype']}, {row['layout']}, batch {row['batch']}, {row['image_size']} px"
 
 
 def main(argv=None) -> None:

@@ -204,8 +204,8 @@ def test_models_csvs_match_their_schemas(tmp_path, monkeypatch, one_thread):
     case = models.Case("resnet50", "none", "eager", "train", "fp32", "nchw", 2, 112)
     common.write_csv([vars(case)], tmp_path / "models_skipped.csv")  # as models.run writes it
     written = sorted(p.name for p in tmp_path.glob("*.csv"))
-    assert written == ["aten_ops.csv", "breakdown.csv", "model_summary.csv", "models.csv",
-                       "models_skipped.csv"]  # fmt: skip
+    assert written == ["aten_ops.csv", "breakdown.csv", "bytes_moved.csv", "model_summary.csv",
+                       "models.csv", "models_skipped.csv"]  # fmt: skip
     # The profiled step of each breakdown variant as a Chrome trace, no temporary file left.
     assert sorted(p.name for p in tmp_path.glob("*.gz")) == [
         common.trace_name("resnet50", models.NO_GATE), common.trace_name("scnet50", "eager")
@@ -604,6 +604,7 @@ def test_models_go_on_after_a_failing_case_then_fail(tmp_path, monkeypatch, one_
 
     monkeypatch.setattr(models, "measure", scnet_breaks)
     monkeypatch.setattr(models, "_write_op_counts", lambda *args: None)
+    monkeypatch.setattr(models, "_write_bytes_moved", lambda *args: None)
     with pytest.raises(RuntimeError, match=r"(?s)1 measurement\(s\) failed.*scnet50.*Inductor"):
         models.run(tmp_path, device="cpu", models=("scnet50", "resnet50"), regimes=("eager",),
                    tasks=("inference",), batches=(2,), image_size=64, rep_ms=1,

@@ -563,6 +563,56 @@ def test_opcount_cli(capsys):
     assert "smallest input that works is 97x97" in capsys.readouterr().err
 
 
+def test_byte_counter_reads_arguments_and_writes_outputs():
+    """A convolution reads input, weight and bias and writes its output; an in-place ReLU reads
+    and writes its tensor; a view moves nothing; allocations are not ops."""
+    conv = nn.Conv2d(4, 6, 3, padding=1, device="meta", dtype=torch.bfloat16)
+    x = torch.empty(2, 4, 5, 7, device="meta", dtype=torch.bfloat16)
+
+    def block(t):
+        out = torch.relu_(conv(t))
+        return out.split([2, 4], dim=1)
+
+    counter = opcount.bytes_moved(block, x)
+    element = 2  # bfloat16
+    conv_read = (x.numel() + conv.weight.numel() + conv.bias.numel()) * element
+    out_bytes = 2 * 6 * 5 * 7 * element
+    assert counter.read == {"aten.convolution.default": conv_read, "aten.relu_.default": out_bytes}
+    assert counter.written == {"aten.convolution.default": out_bytes,
+                               "aten.relu_.default": out_bytes}  # fmt: skip
+    assert counter.total == conv_read + 3 * out_bytes
+
+
+def test_bytes_table_scnet50_near_resnet50():
+    """The traffic model at the GPU headline (bf16, channels_last, batch 256): folding halves the
+    bytes, and the optimized SCNet-50 moves less than 1.2x the optimized ResNet-50's. With
+    conv1_a and conv1_b as two convolutions (each reading the block input) it was 1.27x."""
+    table = opcount.bytes_table(("scnet50", "resnet50"), batch=256, dtype="bf16",
+                                layout="channels_last").set_index("model")  # fmt: skip
+    assert (table["optimized_gb"] < 0.6 * table["original_gb"]).all()
+    assert table.loc["resnet50", "optimized_vs_resnet"] == 1.0
+    assert 1.0 < table.loc["scnet50", "optimized_vs_resnet"] < 1.2
+    assert table.loc["scnet50", "optimized_gb"] > 20  # GB: batch 256 at 224 px in bf16
+    # The per-op view adds up to the same total.
+    parts = opcount.bytes_breakdown("scnet50", batch=256, dtype="bf16", layout="channels_last")
+    total = parts.set_index("op").loc["total", "optimized_gb"]
+    assert total == pytest.approx(table.loc["scnet50", "optimized_gb"], abs=1e-3)
+    assert parts.set_index("op").loc["scconv.sc_gate.default", "optimized_gb"] > 0
+
+
+def test_opcount_bytes_cli(capsys):
+    opcount.main(["resnet50", "--bytes", "--batch", "2", "--dtype", "bf16", "--channels-last"])
+    out = capsys.readouterr().out
+    assert "optimized_vs_resnet" in out and "channels_last" in out
+    for argv, message in (
+        (["--dtype", "bf16"], "go with --bytes"),
+        (["--bytes", "--device", "cpu"], "meta device only"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            opcount.main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_deepcopy_keeps_fused_model_working(perturb_batchnorm):
     block = optimize_for_inference(_sc_block(perturb_batchnorm))
     twin = copy.deepcopy(block)
