@@ -82,7 +82,14 @@ def execute(path: str | Path, save: bool = False, timeout_s: int = 600):
             timeout=timeout_s,
             resources={"metadata": {"path": str(path.parent)}},  # cwd of the kernel
         )
-        client.execute()
+        try:
+            client.execute()
+        finally:
+            # nbclient shuts down only kernels it started itself: this one (its KernelManager is
+            # ours) would live until this process exits, and then log "Parent appears to have
+            # exited" from its own process.
+            if manager.has_kernel:
+                manager.shutdown_kernel()
     # Keep the committed metadata portable: a generic python3 kernel, not the temporary one.
     notebook.metadata["kernelspec"] = {
         "name": "python3",

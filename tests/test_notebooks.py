@@ -69,6 +69,24 @@ def test_the_kernel_talks_over_unix_sockets_not_tcp(tmp_path):
     assert _stdout(notebooks.execute(small)).strip() == "ipc"
 
 
+@pytest.mark.parametrize("cell", ["1 + 1", "1 / 0"])
+def test_the_kernel_is_shut_down_when_the_run_returns(tmp_path, cell):
+    """nbclient shuts down only kernels it started: ours, left running, logged "Parent appears to
+    have exited" from its own process when this one ended. A failing cell shuts it down too."""
+    import nbformat
+
+    psutil = pytest.importorskip("psutil")  # an ipykernel dependency
+    small = tmp_path / "small.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(cell)]), small)
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    try:
+        notebooks.execute(small)
+    except Exception:  # the failing cell: nbclient's CellExecutionError
+        pass
+    alive = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    assert not [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
 def _stdout(notebook) -> str:
     return "".join(
         o.get("text", "")
