@@ -161,8 +161,10 @@ def plan_cases(
     Tiers, at the headline precision and layout: (0) the main pair (``models[0]`` and its
     ResNet) in the non-compiling regimes at every batch; (1) the main pair compiled at the first
     batch; (2) everything else there, non-compiling first. Then (3) the other precisions and
-    layouts, fewer axes off the headline first. Within a tier: batches, regimes, tasks in the
-    order given, then SCNet before ResNet per gate, so that pairs stay whole. Skipping a case
+    layouts, fewer axes off the headline first. Within a tier: tasks (inference at every batch
+    before any training step, which costs two to three times as much: issue 6's optimized ratios
+    at batch 256, 32 and 1 are inference ratios), batches, regimes in the order given, then SCNet
+    before ResNet per gate, so that pairs stay whole. Skipping a case
     costs no budget, so cheap cases after an expensive one that did not fit still run.
     ``compile_models`` and ``compile_tasks`` restrict compiling regimes to those models and
     tasks (None: all). Training starts at batch ``MIN_TRAIN_BATCH``: there is no training step
@@ -200,9 +202,9 @@ def plan_cases(
             tier,
             off_headline,
             compiles,
+            list(tasks).index(case.task),
             list(batches).index(case.batch),
             list(regimes).index(case.regime),
-            list(tasks).index(case.task),
             gate_rank.get(case.gate, 0),  # a ResNet (gate "none") beside its SCNet's first gate
             list(models).index(case.model),
         )

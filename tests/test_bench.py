@@ -580,6 +580,11 @@ def test_plan_cases_on_a_gpu_puts_the_quoted_ratios_first():
     # optimized: inference at 3).
     assert len(eager_main) == 24
     assert cases[:24] == eager_main
+    # Inference at every batch (eager and optimized: 3 x 2 x 3 = 18 cases) before training.
+    assert [c.task for c in cases[:18]] == ["inference"] * 18
+    assert {(c.regime, c.batch) for c in cases[:18]} == {
+        (r, b) for r in ("eager", "optimized") for b in (256, 32, 1)
+    }  # fmt: skip
     compiled_first_batch = [c for c in main if c not in eager_main and c.batch == 256]
     assert cases[24:30] == compiled_first_batch
     assert all(headline_setting(c) for c in cases[: sum(map(headline_setting, cases))])
