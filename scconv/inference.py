@@ -18,10 +18,10 @@ batch 1, and one more at larger batches (see the second point):
   not see them): 3 hidden copies per block, 48 per SCNet-50 forward. There each half gets its own
   out-of-place ReLU, which reads the strided half and writes a dense tensor in the output's
   memory format: the ReLU has to read and write every element anyway, so the halves become dense
-  at no extra cost. Bytes moved per SCNet-50 forward (bf16, channels_last, batch 256, 224 px,
-  counted from the ops' tensor sizes on the meta device): 27.9 GB with ``conv1_a`` and
-  ``conv1_b`` run as two convolutions (the design before this one), 25.0 GB with this one
-  (ResNet-50 optimized: 22.0 GB). On a 2-core CPU (1 thread, batch 2, 128 px, median of 15
+  at no extra cost. Bytes moved per SCNet-50 forward (bf16, channels_last, batch 256, 224 px;
+  ``python -m bench.opcount --bytes``, a traffic model on the meta device): 27.9 GB with
+  ``conv1_a`` and ``conv1_b`` run as two convolutions (the design before this one), 25.1 GB
+  with this one (ResNet-50 optimized: 22.0 GB). On a 2-core CPU (1 thread, batch 2, 128 px, median of 15
   forwards) the two designs take the same time within noise (SCNet-50 NCHW 69-73 ms,
   channels_last 64-68 ms). The gating input ``x`` is ``out_b`` as it lies (a dense slice at
   batch 1, its ReLU's output otherwise): the Triton gate and the eager gate both take it without
