@@ -25,12 +25,13 @@ channels_last) each view gets its own ReLU, which writes it dense, 15 ops (SCNet
 batch 1, 265 at batch 2); see ``scconv/inference.py``.
 
 ``--bytes`` counts instead the bytes each forward moves (``ByteCounter``): every top-level op
-reads its tensor arguments once and writes its outputs once (views move nothing; an in-place op
-writes what it returns), weights included. It is a traffic model, not a measurement: a kernel may
-read an input more than once (a convolution's tiles) or find it in L2, and nested copies are not
-seen. For a memory-bound network at a large batch the ratio of two models' bytes is the ratio
-their run times approach; SCNet-50 optimized / ResNet-50 optimized at bf16, channels_last, batch
-256 is 25.1 / 22.0 GB = 1.14.
+reads its tensor arguments once (weights included) and writes once each tensor it mutates (an
+in-place op's ``self``, ``add_relu_``'s ``x``; read too, except an ``out=`` argument and
+``copy_``'s destination) and each new tensor it returns; views move nothing. It is a traffic
+model, not a measurement: a kernel may read an input more than once (a convolution's tiles) or
+find it in L2, and nested copies are not seen. For a memory-bound network at a large batch the
+ratio of two models' bytes is the ratio their run times approach; SCNet-50 optimized / ResNet-50
+optimized at bf16, channels_last, batch 256 is 27.9 / 24.8 GB = 1.12.
 
     python -m bench.opcount                      # the table for every model
     python -m bench.opcount --breakdown scnet50  # ops by name, original vs optimized
@@ -103,13 +104,25 @@ class ByteCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        returns = func._schema.returns
+        schema = func._schema
+        returns = schema.returns
         is_view = any(r.alias_info is not None and not r.alias_info.is_write for r in returns)
         if func.overloadpacket in _ALLOCATIONS or is_view:
             return out
         name = str(func)
-        self.read[name] += sum(_nbytes(t) for t in tree_flatten((args, kwargs))[0])
-        self.written[name] += sum(_nbytes(t) for t in tree_flatten(out)[0])
+        for index, argument in enumerate(schema.arguments):
+            value = args[index] if index < len(args) else kwargs.get(argument.name)
+            nbytes = sum(_nbytes(t) for t in tree_flatten(value)[0])
+            mutated = argument.alias_info is not None and argument.alias_info.is_write
+            if mutated:  # add_relu_(x!, ...) returns nothing: its write is its argument's
+                self.written[name] += nbytes
+            if not (mutated and (argument.is_out or func.overloadpacket is torch.ops.aten.copy_)):
+                self.read[name] += nbytes
+        # New tensors only: what an in-place op returns is its mutated argument, counted above.
+        returned = out if len(returns) > 1 else [out]
+        for result, value in zip(returns, returned, strict=False):
+            if result.alias_info is None:
+                self.written[name] += sum(_nbytes(t) for t in tree_flatten(value)[0])
         return out
 
     @property

@@ -19,10 +19,10 @@ batch 1, and one more at larger batches (see the second point):
   out-of-place ReLU, which reads the strided half and writes a dense tensor in the output's
   memory format: the ReLU has to read and write every element anyway, so the halves become dense
   at no extra cost. Bytes moved per SCNet-50 forward (bf16, channels_last, batch 256, 224 px;
-  ``python -m bench.opcount --bytes``, a traffic model on the meta device): 27.9 GB with
-  ``conv1_a`` and ``conv1_b`` run as two convolutions (the design before this one), 25.1 GB
-  with this one (ResNet-50 optimized: 22.0 GB). On a 2-core CPU (1 thread, batch 2, 128 px, median of 15
-  forwards) the two designs take the same time within noise (SCNet-50 NCHW 69-73 ms,
+  ``python -m bench.opcount --bytes``, a traffic model on the meta device): 30.8 GB with
+  ``conv1_a`` and ``conv1_b`` run as two convolutions (the design before this one), 27.9 GB
+  with this one (ResNet-50 optimized: 24.8 GB). On a 2-core CPU (1 thread, batch 2, 128 px,
+  median of 15 forwards) the two designs take the same time within noise (SCNet-50 NCHW 69-73 ms,
   channels_last 64-68 ms). The gating input ``x`` is ``out_b`` as it lies (a dense slice at
   batch 1, its ReLU's output otherwise): the Triton gate and the eager gate both take it without
   a copy;

@@ -482,16 +482,17 @@ def test_sweep_times_the_layout_family_by_default(tmp_path, monkeypatch):
     configurations), not the whole search space; the ``search`` column says so."""
     from kernels import codegen, configs
 
-    # A shape whose family is a strict part of the search space for both kernels; timed without
-    # launching (the interpreter would take minutes over a real SCNet shape).
-    shape = gating.GatingShape("probe", 8, 16, 16, 4, 4, {"scnet50": 1, "scnet101": 1})
+    # Layer1's channels: C = 32 fits several channel tiles (a smaller C would keep only the
+    # smallest fallback tile). Timed without launching (the interpreter would take minutes).
+    shape = gating.GatingShape("probe", 32, 16, 16, 4, 4, {"scnet50": 1, "scnet101": 1})
     timed = {}
 
     def record(kernel, search, inputs, dtype, timing):
         timed[kernel] = [sweep.config_name(c) for c in search]
-        x, k2, k3, _ = inputs
-        pruned = codegen.pruned_configs(kernel, x, k2, k3)
-        assert 0 < len(pruned) < len(configs.search_space(kernel)), kernel
+        channel = {sweep.config_name(c) for c in configs._channel_configs(kernel)}
+        assert 1 < len(timed[kernel]) < len(configs.search_space(kernel)), kernel
+        assert set(timed[kernel]) <= channel, kernel  # channels_last: the channel family only
+        pruned = codegen.pruned_configs(kernel, *inputs[:3])
         assert timed[kernel] == [sweep.config_name(c) for c in pruned], kernel
         return [{"kernel": kernel, "config": timed[kernel][0], "cfg_BLOCK_C": 1,
                  "num_warps": 4, "num_stages": 3, "ms": 1.0, "ms_p20": 1.0, "ms_p80": 1.0,

@@ -583,13 +583,36 @@ def test_byte_counter_reads_arguments_and_writes_outputs():
     assert counter.total == conv_read + 3 * out_bytes
 
 
+def test_byte_counter_counts_writes_through_arguments():
+    """An op that mutates an argument and returns nothing (the fused residual add + ReLU) writes
+    it; an out= argument and copy_'s destination are written, not read; an op with two outputs
+    writes both."""
+    t = torch.empty(4, 8, 3, 3, device="meta")  # 1152 bytes of float32
+    n = t.numel() * 4
+
+    def ops(t):
+        torch.ops.scconv.add_relu_(t, t.clone())
+        torch.add(t, t, out=torch.empty_like(t))
+        torch.empty_like(t).copy_(t)
+        torch.nn.functional.max_pool2d(t, 2, return_indices=True)
+
+    counter = opcount.bytes_moved(ops, t)
+    assert (counter.read["scconv.add_relu_.default"], counter.written["scconv.add_relu_.default"]) \
+        == (2 * n, n)  # fmt: skip
+    assert (counter.read["aten.add.out"], counter.written["aten.add.out"]) == (2 * n, n)
+    assert (counter.read["aten.copy_.default"], counter.written["aten.copy_.default"]) == (n, n)
+    pooled = 4 * 8 * 1 * 1
+    assert counter.written["aten.max_pool2d_with_indices.default"] == pooled * (4 + 8)
+
+
 def test_bytes_table_scnet50_near_resnet50():
-    """The traffic model at the GPU headline (bf16, channels_last, batch 256): folding halves the
-    bytes, and the optimized SCNet-50 moves less than 1.2x the optimized ResNet-50's. With
-    conv1_a and conv1_b as two convolutions (each reading the block input) it was 1.27x."""
+    """The traffic model at the GPU headline (bf16, channels_last, batch 256): folding saves about
+    two fifths of the bytes, and the optimized SCNet-50 moves less than 1.2x the optimized
+    ResNet-50's. With conv1_a and conv1_b as two convolutions (each reading the block input) it
+    was 1.24x."""
     table = opcount.bytes_table(("scnet50", "resnet50"), batch=256, dtype="bf16",
                                 layout="channels_last").set_index("model")  # fmt: skip
-    assert (table["optimized_gb"] < 0.6 * table["original_gb"]).all()
+    assert (table["optimized_gb"] < 0.65 * table["original_gb"]).all()
     assert table.loc["resnet50", "optimized_vs_resnet"] == 1.0
     assert 1.0 < table.loc["scnet50", "optimized_vs_resnet"] < 1.2
     assert table.loc["scnet50", "optimized_gb"] > 20  # GB: batch 256 at 224 px in bf16

@@ -78,11 +78,14 @@ def test_the_kernel_is_shut_down_when_the_run_returns(tmp_path, cell):
     psutil = pytest.importorskip("psutil")  # an ipykernel dependency
     small = tmp_path / "small.ipynb"
     nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(cell)]), small)
+    from nbclient.exceptions import CellExecutionError
+
     before = {p.pid for p in psutil.Process().children(recursive=True)}
-    try:
+    if cell == "1 / 0":
+        with pytest.raises(CellExecutionError):
+            notebooks.execute(small)
+    else:
         notebooks.execute(small)
-    except Exception:  # the failing cell: nbclient's CellExecutionError
-        pass
     alive = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
     assert not [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
