@@ -18,11 +18,8 @@ nested clones that way).
 
 Counts do not depend on the data or the image size, so the command line runs on PyTorch's
 ``meta`` device by default (shapes only, no arithmetic); ``--device cpu`` runs real forwards and
-gives the same counts (``tests/test_inference.py`` checks that). They depend on the batch size
-for optimized SCNets only: at batch 1 (what the command line uses) each block ReLUs its merged
-``conv1`` output in place and splits it into two views, 14 ops; at larger batches (or in
-channels_last) each view gets its own ReLU, which writes it dense, 15 ops (SCNet-50: 249 at
-batch 1, 265 at batch 2); see ``scconv/inference.py``.
+gives the same counts (``tests/test_inference.py`` checks that), at every batch size and in
+either layout.
 
 ``--bytes`` counts instead the bytes each forward moves (``ByteCounter``): every top-level op
 reads its tensor arguments once (weights included) and writes once each tensor it mutates (an
@@ -31,7 +28,7 @@ in-place op's ``self``, ``add_relu_``'s ``x``; read too, except an ``out=`` argu
 model, not a measurement: a kernel may read an input more than once (a convolution's tiles) or
 find it in L2, and nested copies are not seen. For a memory-bound network at a large batch the
 ratio of two models' bytes is the ratio their run times approach; SCNet-50 optimized / ResNet-50
-optimized at bf16, channels_last, batch 256 is 27.9 / 24.8 GB = 1.12.
+optimized at bf16, channels_last, batch 256 is 27.4 / 24.8 GB = 1.10.
 
     python -m bench.opcount                      # the table for every model
     python -m bench.opcount --breakdown scnet50  # ops by name, original vs optimized

@@ -100,9 +100,10 @@ def compile_kernel(kernel: str, x, k2, k3, config: triton.Config, arch: int = 90
     return _compile(fn, args, {**constexprs, **config.kwargs}, options, arch)
 
 
-def compile_fused(kernel: str, a, b, arch: int = 90):
+def compile_fused(kernel: str, a, b, arch: int = 90, r: int = 4):
     """Compile a kernel of ``kernels.fused`` for sm_``arch`` as its launcher would launch it:
-    "relu_cat" on (a, b), "add_relu" on (x, residual). Meta tensors will do."""
+    "relu_cat" on (a, b), "add_relu" on (x, residual), "relu_split_pool" on the merged tensor
+    whose halves are a and b, with r x r windows. Meta tensors will do."""
     _require_compiled()
     if kernel == "relu_cat":
         fn = fused._relu_cat_kernel
@@ -110,8 +111,16 @@ def compile_fused(kernel: str, a, b, arch: int = 90):
     elif kernel == "add_relu":
         fn = fused._add_relu_kernel
         args, constexprs, _ = fused.add_relu_launch_arguments(a, b)
+    elif kernel == "relu_split_pool":
+        fn = fused._relu_split_pool_kernel
+        m = fused._relu_cat_empty(a, b)  # the merged conv1 output: a's channels, then b's
+        split = a.shape[1]
+        outputs = fused._relu_split_pool_empty(m, split, r)
+        args, constexprs, _ = fused.relu_split_pool_launch_arguments(m, split, r, *outputs)
     else:
-        raise ValueError(f"unknown fused kernel {kernel!r}; they are relu_cat, add_relu")
+        raise ValueError(
+            f"unknown fused kernel {kernel!r}; they are relu_cat, add_relu, relu_split_pool"
+        )
     return _compile(fn, args, constexprs, {"num_warps": fused.NUM_WARPS}, arch)
 
 
@@ -171,9 +180,9 @@ def main(argv=None) -> None:
                 for config in pruned_configs(kernel, x, k2, k3):
                     info = summary(compile_kernel(kernel, x, k2, k3, config, args.arch), args.arch)
                     print(f"{kernel:8} {configs.table_key(x, k2):42} {config}: {info}")
-            # The fused inference kernels on the same block's tensors (conv3's input halves and
-            # the residual).
-            for kernel in ("relu_cat", "add_relu"):
+            # The fused inference kernels on the same block's tensors (conv3's input halves, the
+            # residual, conv1's output).
+            for kernel in ("relu_cat", "add_relu", "relu_split_pool"):
                 info = summary(compile_fused(kernel, x, x, args.arch), args.arch)
                 print(f"{kernel:8} {configs.table_key(x, k2):42}: {info}")
 

@@ -1,18 +1,22 @@
 """Element-wise fusions for the inference fast path (``scconv.optimize_for_inference``).
 
-Two small memory-bound kernels that replace several ATen launches of an SCNet/ResNet bottleneck:
+Three small memory-bound kernels that replace several ATen launches of an SCNet/ResNet bottleneck:
 
     relu_cat(a, b)     = relu(cat([a, b], dim=1))   reads a and b once, writes the result once
                          (eager: two ReLUs, then ``torch.cat`` reads and writes everything again)
     add_relu_(x, r)    : x <- relu(x + r)           in place, one pass (eager: ``add_`` + ``relu_``)
+    relu_split_pool(m, ca, r) = (relu(m[:, :ca]), b, avg_pool2d(b, r, r)), b = relu(m[:, ca:])
+                         reads m once and writes the two halves dense and b's r x r average pool
+                         (eager: two ReLUs, then ``avg_pool2d`` reads b again)
 
-Both are ``torch.library`` custom ops in the ``scconv`` namespace (``torch.ops.scconv.relu_cat``,
-``torch.ops.scconv.add_relu_``) with fake implementations, so ``torch.compile`` traces them. On
-CUDA tensors they launch the Triton kernels below; on other devices (the CPU) they run a composite
-of ATen ops with the same results (``clamp_min`` into the two halves of one buffer; ``add_`` then
-``relu_``). The launchers :func:`relu_cat_triton` and :func:`add_relu_triton_` run the Triton
-kernels on any device Triton can use, which on a machine without a GPU means the interpreter
-(slow: keep tensors small).
+All are ``torch.library`` custom ops in the ``scconv`` namespace (``torch.ops.scconv.relu_cat``,
+``torch.ops.scconv.add_relu_``, ``torch.ops.scconv.relu_split_pool``) with fake implementations,
+so ``torch.compile`` traces them. On CUDA tensors they launch the Triton kernels below; on other
+devices (the CPU) they run a composite of ATen ops with the same results (``clamp_min`` into the
+two halves of one buffer; ``add_`` then ``relu_``; two ``clamp_min`` and ``avg_pool2d``). The
+launchers :func:`relu_cat_triton`, :func:`add_relu_triton_` and :func:`relu_split_pool_triton`
+run the Triton kernels on any device Triton can use, which on a machine without a GPU means the
+interpreter (slow: keep tensors small).
 
 The kernels address memory as flat arrays, so they need dense inputs: both contiguous (NCHW) or
 both channels_last. A dense 4-D tensor in either format is, per "outer" index, a run of channels
@@ -24,14 +28,23 @@ times "inner" elements:
 and the output row is a's row followed by b's row. Other strides (and an ``add_relu_`` residual
 of another dtype, as under autocast) take the composite path.
 Results are bit-identical to eager PyTorch: ReLU is exact, and x + r is computed in float32
-(float64 for float64) and rounded once, as ATen's ``add`` does for half types.
+(float64 for float64) and rounded once, as ATen's ``add`` does for half types. The one exception
+is relu_split_pool's pool: it sums each window in float32 (float64) too, but column sums first,
+so a float32 mean can differ from ``avg_pool2d``'s (row by row) in its last bit.
+
+relu_split_pool addresses its tensors by strides (any 4-D layout; the custom op sends dense
+NCHW and channels_last inputs to it): each program takes one group of r rows of one image, a
+block of channels and a block of columns (a multiple of r), ReLUs and stores each row into its
+half, and sums the rows of the b channels for the pool. Row groups and columns past the last
+whole window (H or W not a multiple of r, as at SCNet's 14x14 and 7x7 stages) are copied but not
+pooled, as ``avg_pool2d`` (floor mode) drops them.
 """
 
 import contextlib
 
 import torch
 
-from kernels import runtime
+from kernels import gate, runtime
 
 runtime.configure_interpreter()  # before triton is imported here (no-op if already done)
 
@@ -110,6 +123,99 @@ def _add_relu_kernel(
     tl.store(x_ptr + offs, v.to(x_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _relu_split_pool_kernel(
+    m_ptr,  # (N, C, H, W): the merged projection
+    a_ptr,  # (N, CA, H, W) <- relu(m[:, :CA])
+    b_ptr,  # (N, C - CA, H, W) <- relu(m[:, CA:])
+    pool_ptr,  # (N, C - CA, HP, WP) <- avg_pool2d(b, R, R)
+    C,
+    CA,
+    H,
+    W,  # divided by ALIGN (as are the sample, channel and row strides of m, a and b)
+    HP,  # H // R
+    WP,  # W // R
+    stride_mn,
+    stride_mc,
+    stride_mh,
+    stride_mw,
+    stride_an,
+    stride_ac,
+    stride_ah,
+    stride_aw,
+    stride_bn,
+    stride_bc,
+    stride_bh,
+    stride_bw,
+    stride_pn,
+    stride_pc,
+    stride_ph,
+    stride_pw,
+    R: tl.constexpr,  # pooling window and stride, a power of two
+    BLOCK_C: tl.constexpr,
+    BLOCK_W: tl.constexpr,  # a multiple of R
+    WIDE_INDEX: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+    ALIGN: tl.constexpr,  # a power of two dividing W and those strides (NCHW rows), else 1
+):
+    # Multiplied back here, so Triton knows each row starts ALIGN-aligned and the row mask is
+    # constant over ALIGN columns: vector accesses in NCHW (as the gating's PLANE_ALIGN does).
+    W = W * ALIGN
+    stride_mn = stride_mn * ALIGN
+    stride_mc = stride_mc * ALIGN
+    stride_mh = stride_mh * ALIGN
+    stride_an = stride_an * ALIGN
+    stride_ac = stride_ac * ALIGN
+    stride_ah = stride_ah * ALIGN
+    stride_bn = stride_bn * ALIGN
+    stride_bc = stride_bc * ALIGN
+    stride_bh = stride_bh * ALIGN
+    # One flat grid: (image, group of R rows, channel block, column block), columns fastest.
+    pid = tl.program_id(0)
+    blocks_w = (W + BLOCK_W - 1) // BLOCK_W
+    blocks_c = (C + BLOCK_C - 1) // BLOCK_C
+    groups_h = (H + R - 1) // R
+    pid_w = pid % blocks_w
+    rest = pid // blocks_w
+    pid_c = rest % blocks_c
+    rest = rest // blocks_c
+    group = rest % groups_h
+    n = rest // groups_h
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
+    pw = pid_w * (BLOCK_W // R) + tl.arange(0, BLOCK_W // R)
+    if WIDE_INDEX:
+        n = n.to(tl.int64)
+        group = group.to(tl.int64)
+        c = c.to(tl.int64)
+        w = w.to(tl.int64)
+        pw = pw.to(tl.int64)
+    c = c[:, None]
+    w = w[None, :]
+    cb = c - CA  # b's channel (negative for a's channels, whose b lanes are masked)
+    in_a = c < CA
+    in_b = (c >= CA) & (c < C)
+    m_row = m_ptr + n * stride_mn + c * stride_mc + w * stride_mw
+    a_row = a_ptr + n * stride_an + c * stride_ac + w * stride_aw
+    b_row = b_ptr + n * stride_bn + cb * stride_bc + w * stride_bw
+    window = tl.zeros([BLOCK_C, BLOCK_W], dtype=COMPUTE_DTYPE)
+    for i in tl.static_range(R):
+        h = group * R + i
+        inside = (c < C) & (w < W) & (h < H)
+        v = tl.load(m_row + h * stride_mh, mask=inside, other=0.0)
+        # `v < 0` keeps NaN as NaN, like torch.relu.
+        v = tl.where(v < 0, 0.0, v)
+        tl.store(a_row + h * stride_ah, v.to(a_ptr.dtype.element_ty), mask=inside & in_a)
+        tl.store(b_row + h * stride_bh, v.to(b_ptr.dtype.element_ty), mask=inside & in_b)
+        window += v.to(COMPUTE_DTYPE)
+    # Column j of the tile is column j % R of window j // R.
+    pooled = tl.sum(tl.reshape(window, [BLOCK_C, BLOCK_W // R, R]), axis=2) / (R * R)
+    pw = pw[None, :]
+    pool_mask = in_b & (pw < WP) & (group < HP)
+    pool_at = pool_ptr + n * stride_pn + cb * stride_pc + group * stride_ph + pw * stride_pw
+    tl.store(pool_at, pooled.to(pool_ptr.dtype.element_ty), mask=pool_mask)
+
+
 INTERPRETED = isinstance(_add_relu_kernel, InterpretedFunction)
 
 
@@ -180,6 +286,41 @@ def check_add_relu_inputs(x: torch.Tensor, residual: torch.Tensor, same_dtype: b
             f"add_relu_: x and residual must have one shape, got {tuple(x.shape)} and "
             f"{tuple(residual.shape)}"
         )
+
+
+def check_relu_split_pool_inputs(m: torch.Tensor, split: int, r: int) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the problem if ``relu_split_pool(m, split, r)``
+    is undefined."""
+    _check_dtype_device("relu_split_pool", "m", m, "m", m)
+    if m.dim() != 4:
+        raise ValueError(f"relu_split_pool: m must be 4-D (N, C, H, W), got {tuple(m.shape)}")
+    if not 0 < split < m.shape[1]:
+        raise ValueError(
+            f"relu_split_pool: split must leave channels on both sides, 0 < split < "
+            f"{m.shape[1]}, got {split}"
+        )
+    if r < 1 or m.shape[2] < r or m.shape[3] < r:
+        raise ValueError(
+            f"relu_split_pool: the {m.shape[2]}x{m.shape[3]} map cannot be average-pooled by "
+            f"windows of {r}x{r} (r must be at least 1 and at most H and W)"
+        )
+
+
+def relu_split_pool_memory_format(m: torch.Tensor) -> torch.memory_format:
+    """Memory format of relu_split_pool's outputs: channels_last for a channels_last m, else
+    NCHW."""
+    if m.is_contiguous(memory_format=torch.channels_last) and not m.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _relu_split_pool_empty(m: torch.Tensor, split: int, r: int):
+    n, c, h, w = m.shape
+    like = {"dtype": m.dtype, "device": m.device,
+            "memory_format": relu_split_pool_memory_format(m)}  # fmt: skip
+    a = torch.empty((n, split, h, w), **like)
+    b = torch.empty((n, c - split, h, w), **like)
+    return a, b, torch.empty((n, c - split, h // r, w // r), **like)
 
 
 def _relu_cat_empty(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -284,6 +425,71 @@ def add_relu_launch_arguments(x, residual):
     return (x, residual, numel), constexprs, (triton.cdiv(numel, BLOCK_ELEMENTS),)
 
 
+def relu_split_pool_triton(m: torch.Tensor, split: int, r: int):
+    """``relu(m[:, :split])``, ``b = relu(m[:, split:])`` and ``avg_pool2d(b, r, r)`` in one
+    Triton kernel (one read of m).
+
+    Args:
+        m: (N, C, H, W) float16, bfloat16, float32 or float64, any strides.
+        split: channels of the first half, 0 < split < C.
+        r: the pooling window and stride, a power of two, at most H and W.
+
+    Returns:
+        (a, b, pooled) in m's memory format (channels_last or NCHW), dense. No autograd.
+    """
+    check_relu_split_pool_inputs(m, split, r)
+    if r & (r - 1):
+        raise ValueError(
+            f"relu_split_pool_triton: r must be a power of two, got {r} "
+            "(torch.ops.scconv.relu_split_pool takes any r)"
+        )
+    outputs = _relu_split_pool_empty(m, split, r)
+    if m.numel() == 0:
+        return outputs
+    _check_launchable("relu_split_pool_triton", m)
+    args, constexprs, grid = relu_split_pool_launch_arguments(m, split, r, *outputs)
+    with _device_context(m):
+        _relu_split_pool_kernel[grid](*args, **constexprs, num_warps=NUM_WARPS)
+    return outputs
+
+
+def relu_split_pool_launch_arguments(m, split, r, a, b, pooled):
+    """(args, constexprs, grid) of ``_relu_split_pool_kernel`` (also used by
+    ``kernels.codegen``)."""
+    n, c, h, w = m.shape
+    if m.stride(1) == 1 and c > 1:  # channels contiguous: long along C
+        block_c = min(64, triton.next_power_of_2(c))
+        block_w = BLOCK_ELEMENTS // block_c
+    else:  # rows contiguous (NCHW): long along W
+        block_w = min(256, triton.next_power_of_2(w))
+        block_c = BLOCK_ELEMENTS // block_w
+    # At least one window wide, and no wider than a power of two past the row.
+    block_w = max(r, min(block_w, triton.next_power_of_2(w)))
+    block_c = max(1, min(block_c, triton.next_power_of_2(c)))
+    programs = n * triton.cdiv(h, r) * triton.cdiv(c, block_c) * triton.cdiv(w, block_w)
+    span = max(sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
+               for t in (m, a, b, pooled))  # fmt: skip
+    dense_rows = (m, a, b)
+    align = 1
+    if all(t.stride(3) == 1 for t in dense_rows):
+        row_strides = [s for t in dense_rows for s in gate._index_strides(t)[:3]]
+        align = gate._power_of_two_divisor([w, *row_strides])
+    aligned = [gate._aligned_strides(t, align, 3) for t in dense_rows]
+    constexprs = {
+        "R": r,
+        "BLOCK_C": block_c,
+        "BLOCK_W": block_w,
+        # The last program's channel and column blocks reach past the tensor (masked), and
+        # b's offsets of a's channels are negative: margin for both.
+        "WIDE_INDEX": span + (block_c + block_w) * max(m.stride()) > _INT32_LIMIT,
+        "COMPUTE_DTYPE": tl.float64 if m.dtype == torch.float64 else tl.float32,
+        "ALIGN": align,
+    }
+    args = (m, a, b, pooled, c, split, h, w // align, h // r, w // r,
+            *(s for strides in aligned for s in strides), *gate._index_strides(pooled))  # fmt: skip
+    return args, constexprs, (programs,)
+
+
 # --------------------------------------------------------------------------------------------
 # Composite versions (the custom ops' path off CUDA, and for strides the kernels do not take)
 # --------------------------------------------------------------------------------------------
@@ -300,6 +506,15 @@ def relu_cat_composite(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def add_relu_composite_(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """``x <- relu(x + residual)`` in place with two ATen ops; returns x."""
     return x.add_(residual).relu_()
+
+
+def relu_split_pool_composite(m: torch.Tensor, split: int, r: int):
+    """relu_split_pool with ATen ops: a ReLU into each half, then ``avg_pool2d`` of b."""
+    a, b, pooled = _relu_split_pool_empty(m, split, r)
+    torch.clamp_min(m[:, :split], 0, out=a)
+    torch.clamp_min(m[:, split:], 0, out=b)
+    torch.ops.aten.avg_pool2d.out(b, [r, r], [r, r], out=pooled)
+    return a, b, pooled
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,3 +557,21 @@ def add_relu_(x: torch.Tensor, residual: torch.Tensor) -> None:
 @add_relu_.register_fake
 def _add_relu_fake(x: torch.Tensor, residual: torch.Tensor) -> None:
     check_add_relu_inputs(x, residual, same_dtype=False)
+
+
+@torch.library.custom_op("scconv::relu_split_pool", mutates_args=())
+def relu_split_pool(
+    m: torch.Tensor, split: int, r: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(relu(m[:, :split]), b, avg_pool2d(b, r, r))`` with ``b = relu(m[:, split:])``, each dense
+    in m's memory format: Triton on CUDA (r a power of two), ATen ops otherwise."""
+    check_relu_split_pool_inputs(m, split, r)
+    if m.device.type == "cuda" and not r & (r - 1):
+        return relu_split_pool_triton(m, split, r)
+    return relu_split_pool_composite(m, split, r)
+
+
+@relu_split_pool.register_fake
+def _relu_split_pool_fake(m: torch.Tensor, split: int, r: int):
+    check_relu_split_pool_inputs(m, split, r)
+    return _relu_split_pool_empty(m, split, r)

@@ -2,30 +2,30 @@
 
 An eval-mode SCNet bottleneck dispatches 26 ATen ops (7 convolutions, 7 BatchNorms, 5 ReLUs, a
 pool, 4 for the eager gating, a cat and an add), many of them small BatchNorm, ReLU and copy
-launches. The optimized bottleneck dispatches 15 (12 with the Triton gate) for the same function at
-batch 1, and one more at larger batches (see the second point):
+launches. The optimized bottleneck dispatches 13 (10 with the Triton gate) for the same function,
+at every batch size and in either layout:
 
 - every BatchNorm is folded into the convolution before it (stem, ``conv1_a``, ``conv1_b``,
   ``k1``, ``k2``, ``k3``, ``k4``, ``conv3``, downsample): ``bn(conv(x)) = conv'(x)`` with
   ``W' = W * s``, ``b' = (b - mean) * s + beta``, ``s = gamma / sqrt(var + eps)`` (s and b' in
   float64, W * s in float32, or float64 for float64 weights; rounded once to the weight's dtype);
 - ``conv1_a`` and ``conv1_b`` (both 1x1 on the block input) become one convolution ``conv1`` with
-  concatenated weights, so the block input, the largest tensor of the block, is read once. Where
-  the two channel halves of its output are dense (one image in NCHW), one in-place ReLU follows
-  and the halves are views. Everywhere else (batch > 1, or channels_last at any batch) a half is
-  strided, and PyTorch's convolution (``k1``, ``k3``) and ``avg_pool2d`` (``k2``) would copy a
-  strided input (``aten::contiguous`` -> ``clone`` -> ``copy_``, nested, so the op counter does
-  not see them): 3 hidden copies per block, 48 per SCNet-50 forward. There each half gets its own
-  out-of-place ReLU, which reads the strided half and writes a dense tensor in the output's
-  memory format: the ReLU has to read and write every element anyway, so the halves become dense
-  at no extra cost. Bytes moved per SCNet-50 forward (bf16, channels_last, batch 256, 224 px;
+  concatenated weights, so the block input, the largest tensor of the block, is read once. Its
+  output's two ReLUs and the average pool of SC-Conv's ``k2`` become one
+  ``torch.ops.scconv.relu_split_pool``, which reads the merged output once and writes both halves
+  dense (in its memory format) and the pool of the second; ``k2``'s convolution takes that pool
+  (``SCConv.forward(x, pooled=...)``). Dense halves matter: a channel half of the merged output is
+  strided (at batch > 1, and in channels_last at any batch), and PyTorch's convolution (``k1``,
+  ``k3``) and ``avg_pool2d`` copy a strided input (``aten::contiguous`` -> ``clone`` ->
+  ``copy_``, nested, so the op counter does not see them): 3 hidden copies per block, 48 per
+  SCNet-50 forward. Bytes moved per SCNet-50 forward (bf16, channels_last, batch 256, 224 px;
   ``python -m bench.opcount --bytes``, a traffic model on the meta device): 30.8 GB with
-  ``conv1_a`` and ``conv1_b`` run as two convolutions (the design before this one), 27.9 GB
-  with this one (ResNet-50 optimized: 24.8 GB). On a 2-core CPU (1 thread, batch 2, 128 px,
-  median of 15 forwards) the two designs take the same time within noise (SCNet-50 NCHW 69-73 ms,
-  channels_last 64-68 ms). The gating input ``x`` is ``out_b`` as it lies (a dense slice at
-  batch 1, its ReLU's output otherwise): the Triton gate and the eager gate both take it without
-  a copy;
+  ``conv1_a`` and ``conv1_b`` as two convolutions (an earlier design), 27.9 GB with one
+  convolution and an out-of-place ReLU per half, 27.4 GB with ``relu_split_pool`` (ResNet-50
+  optimized: 24.8 GB). On a 2-core CPU (1 thread, batch 2, 128 px, median of 15 forwards) the
+  three take the same time within noise (SCNet-50 in NCHW and channels_last: 64-73 ms for the
+  first two in one comparison, 57-64 ms for the last two in another). The gating input ``x`` is
+  ``out_b`` as it lies: the Triton gate and the eager gate both take it without a copy;
 - the two ReLUs after ``k1`` and SC-Conv and the ``torch.cat`` before ``conv3`` become one
   ``torch.ops.scconv.relu_cat`` (each element read once and written once into the buffer
   ``conv3`` reads; with ``avd``, one average pool then runs on that buffer instead of two);
@@ -134,7 +134,7 @@ class _FusedBlock(nn.Module):
 
 class FusedSCBottleneck(_FusedBlock):
     """``SCBottleneck`` with BatchNorm folded, the twin 1x1 convolutions merged and the ReLUs,
-    concatenation and residual addition fused (see the module docstring).
+    ``k2``'s pool, concatenation and residual addition fused (see the module docstring).
 
     Children: ``conv1`` (in -> Ca + Cb, the merged folded 1x1), ``k1`` (folded), ``scconv`` (the
     block's ``SCConv`` with folded ``k2``/``k3``/``k4``), ``conv3``, ``downsample`` (folded or
@@ -151,19 +151,13 @@ class FusedSCBottleneck(_FusedBlock):
         self.downsample = downsample
         self.avd_layer = avd_layer
 
-    def projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``relu(conv1_a(x))`` and ``relu(conv1_b(x))`` from one convolution, both dense."""
-        merged = self.conv1(x)
-        if merged.shape[0] == 1 and merged.is_contiguous():  # one image in NCHW: dense halves
-            return _relu(merged).split(self.split_sizes, dim=1)  # one launch, two views
-        # Strided halves (see the module docstring): the ReLU of each writes it dense, where k1,
-        # k2's pool and k3 would otherwise each copy it.
-        return tuple(F.relu(half) for half in merged.split(self.split_sizes, dim=1))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out_a, out_b = self.projections(x)
-        # out_b, dense either way, is also the gating input x, handed over without a copy.
-        out = torch.ops.scconv.relu_cat(self.k1(out_a), self.scconv(out_b))
+        # One read of conv1's output writes both halves dense (relu'd) and out_b's average pool,
+        # which the SC-Conv's k2 takes instead of pooling out_b again.
+        out_a, out_b, pooled = torch.ops.scconv.relu_split_pool(
+            self.conv1(x), self.split_sizes[0], self.scconv.pooling_r
+        )
+        out = torch.ops.scconv.relu_cat(self.k1(out_a), self.scconv(out_b, pooled=pooled))
         if self.avd_layer is not None:
             # Average pooling works channel by channel: pooling the buffer = pooling each half.
             out = self.avd_layer(out)
@@ -221,6 +215,22 @@ def _why_not_foldable(conv: nn.Module, bn: nn.Module) -> str | None:
     if bn.num_features != conv.out_channels:
         return f"BatchNorm of {bn.num_features} channels after a {conv.out_channels}-channel conv"
     return None
+
+
+def _why_not_plain_pool(sc: SCConv) -> str | None:
+    """None if ``sc.k2`` starts with the pool ``relu_split_pool`` computes (``AvgPool2d(r, r)``,
+    r = pooling_r, no padding, floor mode, no divisor override), else the reason."""
+    pool, r = sc.k2[0], sc.pooling_r
+    pair = lambda v: tuple(v) if isinstance(v, tuple | list) else (v, v)  # noqa: E731
+    plain = (
+        type(pool) is nn.AvgPool2d
+        and pair(pool.kernel_size) == (r, r)
+        and pair(pool.stride) == (r, r)
+        and pair(pool.padding) == (0, 0)
+        and not pool.ceil_mode
+        and pool.divisor_override is None
+    )
+    return None if plain else f"scconv.k2 starts with {pool}, not AvgPool2d({r}, {r})"
 
 
 def _memory_format(t: torch.Tensor) -> torch.memory_format:
@@ -436,6 +446,8 @@ class _Walk:
             [("k1", block.k1), ("scconv.k2", sc.k2), ("scconv.k3", sc.k3), ("scconv.k4", sc.k4)]
             + [("downsample", block.downsample)],
         )
+        if reason is None:
+            reason = _why_not_plain_pool(sc)
         if reason is None:
             conv1 = _merge_convs(block.conv1_a, block.conv1_b, block.bn1_a, block.bn1_b)
             if conv1 is None:

@@ -62,13 +62,27 @@ class SCConv(nn.Module):
         self.k3 = nn.Sequential(conv3x3(1), norm_layer(planes))
         self.k4 = nn.Sequential(conv3x3(stride), norm_layer(planes))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """``k4(k3(x) * sigmoid(x + up(k2(x))))``. ``pooled``: ``k2``'s average pool of x when
+        the caller has computed it already (the inference fast path pools in the same pass that
+        writes x); ``k2``'s remaining layers then take it."""
         if x.shape[-2] < self.pooling_r or x.shape[-1] < self.pooling_r:
             raise ValueError(
                 f"SCConv input of spatial size {tuple(x.shape[-2:])} is smaller than its "
                 f"pooling_r={self.pooling_r}: the calibration branch cannot pool it"
             )
-        return self.k4(sc_gate(x, self.k2(x), self.k3(x), self.gate))
+        if pooled is None:
+            k2 = self.k2(x)
+        else:
+            r = self.pooling_r
+            expected = (*x.shape[:2], x.shape[-2] // r, x.shape[-1] // r)
+            if tuple(pooled.shape) != expected:
+                raise ValueError(
+                    f"SCConv: pooled must be x average-pooled by {r}x{r} windows, shape "
+                    f"{expected}, got {tuple(pooled.shape)}"
+                )
+            k2 = self.k2[1:](pooled)
+        return self.k4(sc_gate(x, k2, self.k3(x), self.gate))
 
     def extra_repr(self) -> str:
         return f"pooling_r={self.pooling_r}, gate={self.gate!r}"

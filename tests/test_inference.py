@@ -187,40 +187,65 @@ def test_fused_sc_bottleneck_eager_and_triton_gate(stride, avd, perturb_batchnor
 def test_gate_input_reaches_the_gate_without_a_copy(
     batch, memory_format, perturb_batchnorm, monkeypatch
 ):
-    """One merged conv1 at every batch size and layout. The gating's x is the projection output
-    itself: for one NCHW image a dense channel slice of conv1's output (ReLU'd in place);
-    elsewhere a slice would be strided, and x is its ReLU's output, dense in the input's memory
-    format. On DEVICE: with a GPU, cuDNN's output layout decides it."""
+    """One merged conv1 at every batch size and layout, and one relu_split_pool that writes both
+    halves dense and out_b's average pool: the gating's x (also k3's input) is that dense out_b,
+    and k2's own AvgPool2d does not run. On DEVICE: with a GPU, cuDNN's output layout decides
+    the merged output's strides."""
     import scconv.modules
 
     block = optimize_for_inference(_sc_block(perturb_batchnorm)).to(DEVICE)
     block = block.to(memory_format=memory_format)
-    seen = {"conv1 calls": 0}
+    seen = {"conv1 calls": 0, "k2 pool calls": 0}
 
     def record_conv1(module, inputs, out):
         seen["conv1 calls"] += 1
         seen["merged"] = out
 
+    def record_pool(module, inputs, out):
+        seen["k2 pool calls"] += 1
+
     block.conv1.register_forward_hook(record_conv1)
+    block.scconv.k2[0].register_forward_hook(record_pool)
     real_gate = scconv.modules.sc_gate
 
     def recording_gate(x, k2, k3, gate):
-        seen["x"] = x
+        seen["x"], seen["k2"] = x, k2
         return real_gate(x, k2, k3, gate)
 
     monkeypatch.setattr(scconv.modules, "sc_gate", recording_gate)
     with torch.no_grad():
         block(torch.randn(batch, 64, 12, 12, device=DEVICE).to(memory_format=memory_format))
     x, merged = seen["x"], seen["merged"]
-    assert seen["conv1 calls"] == 1
-    # k2's pool, k3 and the gate all read it as it lies.
+    assert seen["conv1 calls"] == 1 and seen["k2 pool calls"] == 0
+    # k3 and the gate read it as it lies.
     assert x.is_contiguous(memory_format=memory_format)
-    if batch == 1 and memory_format == torch.contiguous_format:
-        assert x.data_ptr() == merged[:, 8:].data_ptr()
-    else:
-        assert not merged[:, 8:].is_contiguous(memory_format=memory_format)
-        assert x.untyped_storage().data_ptr() != merged.untyped_storage().data_ptr()
-        torch.testing.assert_close(x, merged[:, 8:].relu(), rtol=0, atol=0)
+    assert x.untyped_storage().data_ptr() != merged.untyped_storage().data_ptr()
+    torch.testing.assert_close(x, merged[:, 8:].relu(), rtol=0, atol=0)
+    # k2 (the folded conv after the pool) took the pool of x.
+    pooled = torch.nn.functional.avg_pool2d(x, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(seen["k2"], block.scconv.k2[1:](pooled), rtol=1e-6, atol=1e-6)
+
+
+def test_scconv_takes_a_precomputed_pool(perturb_batchnorm):
+    """SCConv(x, pooled=avg_pool(x)) equals SCConv(x); a pool of the wrong size is refused."""
+    sc = _sc_block(perturb_batchnorm).scconv
+    x = torch.randn(2, 8, 13, 10)
+    with torch.no_grad():
+        pooled = torch.nn.functional.avg_pool2d(x, 4, 4)
+        torch.testing.assert_close(sc(x, pooled=pooled), sc(x), rtol=0, atol=0)
+        with pytest.raises(ValueError, match=r"shape \(2, 8, 3, 2\), got \(2, 8, 4, 3\)"):
+            sc(x, pooled=torch.nn.functional.avg_pool2d(x, 4, 4, ceil_mode=True))
+
+
+def test_a_k2_pool_other_than_the_plain_one_leaves_the_block_unchanged(perturb_batchnorm):
+    """relu_split_pool computes AvgPool2d(r, r): a block whose k2 pools otherwise is reported in
+    the warning and left as it was, never run with the wrong pool."""
+    block = _sc_block(perturb_batchnorm)
+    block.scconv.k2[0] = nn.AvgPool2d(4, 4, ceil_mode=True).eval()
+    with pytest.warns(UserWarning, match=r"scconv.k2 starts with AvgPool2d.*not AvgPool2d\(4, 4\)"):
+        optimized = optimize_for_inference(block)
+    assert type(optimized) is scconv.SCBottleneck
 
 
 def test_channels_last(perturb_batchnorm):
@@ -272,7 +297,8 @@ def test_compiles_with_fullgraph(perturb_batchnorm):
 
 
 def test_exports_with_the_fused_ops(perturb_batchnorm):
-    """torch.export of an optimized block keeps relu_cat and add_relu_ as single ops."""
+    """torch.export of an optimized block keeps relu_split_pool, relu_cat and add_relu_ as single
+    ops, and no average pool besides those of avd and the downsample (k2 takes the fused one)."""
     block = _sc_block(perturb_batchnorm, stride=2, avd=True)
     optimized = optimize_for_inference(block)
     x = torch.randn(2, 64, 12, 12)
@@ -280,6 +306,8 @@ def test_exports_with_the_fused_ops(perturb_batchnorm):
     targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
     assert targets.count("scconv.relu_cat.default") == 1
     assert targets.count("scconv.add_relu_.default") == 1
+    assert targets.count("scconv.relu_split_pool.default") == 1
+    assert targets.count("aten.avg_pool2d.default") == 2  # avd's and the downsample's
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x), optimized(x), rtol=0, atol=0)
 
@@ -386,6 +414,65 @@ def test_add_relu_triton_matches_eager(dtype, layout):
     torch.testing.assert_close(op_out, expected, rtol=0, atol=0)
 
 
+def _relu_split_pool_eager(m, split, r):
+    a, b = torch.relu(m[:, :split]), torch.relu(m[:, split:])
+    return a, b, torch.nn.functional.avg_pool2d(b, r, r)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+# H and W that are no multiple of r (rows and columns past the last window are copied, not
+# pooled), a split that is no multiple of the channel block, r = 2 and SCNet's 4; 70 channels
+# take two channel blocks in channels_last.
+# In NCHW, rows of 16 and 12 columns take the aligned path (ALIGN 16 and 4: W and the strides
+# reach the kernel divided by it).
+@pytest.mark.parametrize(
+    "shape, split, r",
+    [((2, 12, 9, 13), 5, 4), ((3, 6, 7, 5), 3, 4), ((2, 70, 6, 10), 32, 2),
+     ((2, 12, 8, 16), 5, 4), ((1, 6, 5, 12), 2, 4)],
+)  # fmt: skip
+def test_relu_split_pool_triton_matches_eager(dtype, layout, shape, split, r):
+    torch.manual_seed(0)
+    m = torch.randn(shape, dtype=dtype).to(DEVICE).contiguous(memory_format=layout)
+    m[0, 1, 2, 3] = float("nan")  # in a
+    m[-1, split + 1, 1, 0] = float("nan")  # in b and in its first window
+    expected = _relu_split_pool_eager(m, split, r)
+    # The pool sums in float32 by columns first (avg_pool2d by rows): float32 may differ in its
+    # last bit; the interpreter also rounds float32 -> 16-bit floats toward zero (one ulp).
+    rtol = {torch.float16: 2**-10, torch.bfloat16: 2**-7, torch.float32: 1e-6}.get(dtype, 1e-15)
+    for outputs in (fused.relu_split_pool_triton(m, split, r),
+                    torch.ops.scconv.relu_split_pool(m, split, r)):  # fmt: skip
+        for name, out, ref in zip(("a", "b", "pooled"), outputs, expected, strict=True):
+            assert out.shape == ref.shape and out.is_contiguous(memory_format=layout), name
+            # ReLU and placement are exact: bit-identical, NaN where eager has NaN.
+            tolerance = {"rtol": rtol, "atol": 1e-6} if name == "pooled" else {"rtol": 0, "atol": 0}
+            torch.testing.assert_close(out, ref, equal_nan=True, **tolerance, msg=name)
+    assert expected[2].isnan().sum() == 1  # the NaN reached one window of the pool
+
+
+def test_relu_split_pool_any_strides_any_r_and_bad_input():
+    torch.manual_seed(0)
+    wide = torch.randn(2, 10, 7, 9, device=DEVICE)
+    m = wide[:, 1:9]  # a channel slice: dense in no format
+    for split, r in ((3, 4), (3, 3)):  # r = 3: not a power of two, the ATen path
+        for out, ref in zip(torch.ops.scconv.relu_split_pool(m, split, r),
+                            _relu_split_pool_eager(m, split, r), strict=True):  # fmt: skip
+            torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+            assert out.is_contiguous()
+    torch.testing.assert_close(fused.relu_split_pool_triton(m, 3, 4)[2],
+                               _relu_split_pool_eager(m, 3, 4)[2])  # fmt: skip
+    with pytest.raises(ValueError, match="r must be a power of two, got 3"):
+        fused.relu_split_pool_triton(m, 3, 3)
+    with pytest.raises(ValueError, match="0 < split < 8, got 8"):
+        torch.ops.scconv.relu_split_pool(m, 8, 4)
+    with pytest.raises(ValueError, match="7x9 map cannot be average-pooled by windows of 8x8"):
+        torch.ops.scconv.relu_split_pool(m, 3, 8)
+    with pytest.raises(ValueError, match="must be 4-D"):
+        torch.ops.scconv.relu_split_pool(m[0], 3, 4)
+    with pytest.raises(TypeError, match="supported dtypes"):
+        torch.ops.scconv.relu_split_pool(m.int(), 3, 4)
+
+
 def test_fused_ops_take_any_strides_through_the_composite_path():
     torch.manual_seed(0)
     wide = torch.randn(2, 10, 6, 7, device=DEVICE)
@@ -446,6 +533,8 @@ def test_launchers_refuse_cpu_tensors_when_compiled(monkeypatch):
         fused.relu_cat_triton(a, a)
     with pytest.raises(ValueError, match="compiled for CUDA here, got tensors on cpu"):
         fused.add_relu_triton_(a, a)
+    with pytest.raises(ValueError, match="compiled for CUDA here, got tensors on cpu"):
+        fused.relu_split_pool_triton(a, 1, 2)
 
 
 def test_relu_cat_refuses_rows_near_the_int32_limit():
@@ -462,12 +551,20 @@ def test_relu_cat_refuses_rows_near_the_int32_limit():
         (torch.ops.scconv.relu_cat.default, [(2, 3, 4, 5), (2, 2, 4, 5)], [torch.float32] * 2),
         (torch.ops.scconv.add_relu_.default, [(2, 3, 4, 5)] * 2, [torch.float32] * 2),
         (torch.ops.scconv.add_relu_.default, [(2, 3, 4, 5)] * 2, [torch.bfloat16, torch.float32]),
+        (torch.ops.scconv.relu_split_pool.default, [(2, 6, 9, 5), 2, 4], [torch.float32]),
+        (torch.ops.scconv.relu_split_pool.default, [(2, 6, 4, 4), 4, 4], [torch.bfloat16]),
     ],
 )
 def test_fused_custom_ops_pass_opcheck(op, shapes, dtypes):
-    """On DEVICE: with a GPU this checks the Triton path against the fake implementations."""
-    args = [torch.randn(s, dtype=d, device=DEVICE) for s, d in zip(shapes, dtypes, strict=True)]
+    """On DEVICE: with a GPU this checks the Triton path against the fake implementations.
+    Integers in ``shapes`` are passed as they are (relu_split_pool's split and r)."""
+    sizes = [s for s in shapes if isinstance(s, tuple)]
+    made = iter(torch.randn(s, dtype=d, device=DEVICE) for s, d in zip(sizes, dtypes, strict=True))
+    args = [next(made) if isinstance(s, tuple) else s for s in shapes]
     torch.library.opcheck(op, args)
+    if op is torch.ops.scconv.relu_split_pool.default:  # channels_last too
+        args[0] = args[0].contiguous(memory_format=torch.channels_last)
+        torch.library.opcheck(op, args)
 
 
 # --- Op counter ----------------------------------------------------------------------------------
@@ -509,7 +606,7 @@ def test_original_op_counts_match_design(name, expected):
 
 def test_scnet50_optimized_at_most_250_ops(pair):
     """Counted on the CPU with the eager gate: the gate that runs on a CPU ('auto' resolves to it)
-    and the official code's four ops per gating, so 432 -> 249 compares like with like."""
+    and the official code's four ops per gating, so 432 -> 217 compares like with like."""
     model, optimized = pair("scnet50")
     x = torch.randn(1, 3, 128, 128)
     before, after = aten_op_counts(model, x), aten_op_counts(optimized, x)
@@ -519,7 +616,15 @@ def test_scnet50_optimized_at_most_250_ops(pair):
     # 16 blocks x 7 convolutions + stem + 4 downsamples, minus one per merged conv1_a/conv1_b
     assert after["aten.convolution.default"] == 16 * 6 + 1 + 4
     assert after["scconv.relu_cat.default"] == after["scconv.add_relu_.default"] == 16
+    assert after["scconv.relu_split_pool.default"] == 16 and after["aten.avg_pool2d.default"] == 0
     assert after["aten.sigmoid.default"] == 16  # the eager gate is still there, four ops each
+    assert sum(after.values()) == 217
+    # The same count at every batch size and layout (one path through every block).
+    for images in (
+        torch.randn(2, 3, 128, 128),
+        torch.randn(1, 3, 128, 128).contiguous(memory_format=torch.channels_last),
+    ):
+        assert count_aten_ops(optimized, images) == 217  # fmt: skip
 
 
 @pytest.mark.parametrize("name", ["scnet50", "resnet50"])
@@ -542,7 +647,7 @@ def test_triton_gate_count_on_meta():
         model = scconv.scnet50(gate="triton").eval()
         x = torch.empty(1, 3, 224, 224)
     counts = aten_op_counts(optimize_for_inference(model), x)
-    assert counts["scconv.sc_gate.default"] == 16 and sum(counts.values()) == 249 - 16 * 3
+    assert counts["scconv.sc_gate.default"] == 16 and sum(counts.values()) == 217 - 16 * 3
 
 
 def test_opcount_cli(capsys):
@@ -551,7 +656,7 @@ def test_opcount_cli(capsys):
     assert "original" in out and "optimized_triton_gate" in out
     lines = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
     assert lines["resnet50"][1:3] == ["176", "105"]
-    assert lines["scnet50"][1:4] == ["432", "249", "201"]
+    assert lines["scnet50"][1:4] == ["432", "217", "169"]
     opcount.main(["--breakdown", "resnet50"])
     out = capsys.readouterr().out
     assert "aten.native_batch_norm.default" in out and "scconv.add_relu_.default" in out
@@ -660,7 +765,7 @@ def _clones_per_forward(model, x):
 def test_no_hidden_copies_at_batch_2(name, pair):
     """The optimized blocks add no copies of activations: at batch 2 a channel slice of the merged
     conv1 output is strided, and if it reached them k1, k2's pool and k3 would each clone theirs
-    (48 clones more per SCNet-50 forward); the ReLU of each half writes it dense instead. The
+    (48 clones more per SCNet-50 forward); relu_split_pool writes each half dense instead. The
     original's clones (the eager gate's upsample) are still there. One merged conv1 per block."""
     model, optimized = pair(name)
     x = torch.randn(2, 3, 128, 128)
@@ -668,12 +773,15 @@ def test_no_hidden_copies_at_batch_2(name, pair):
     assert after <= before
     convolutions = [aten_op_counts(m, x)["aten.convolution.default"] for m in (model, optimized)]
     assert convolutions[1] == convolutions[0] - 16
+
     # The probe sees nested clones: strided halves handed on as they are get counted.
-    strided = optimize_for_inference(copy.deepcopy(model))
-    for block in strided.modules():
-        if type(block) is FusedSCBottleneck:
-            block.projections = lambda x, b=block: b.conv1(x).relu_().split(b.split_sizes, dim=1)
-    assert _clones_per_forward(strided, x) >= before + 16 * 3
+    def strided_halves(m, split, r):
+        a, b = m.clamp_min(0).split([split, m.shape[1] - split], dim=1)
+        return a, b, torch.nn.functional.avg_pool2d(b, r, r)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.ops.scconv, "relu_split_pool", strided_halves)
+        assert _clones_per_forward(optimized, x) >= before + 16 * 3
 
 
 # --- CUDA: the optimized models and fused ops as a GPU runs them ---------------------------------
@@ -681,7 +789,9 @@ def test_no_hidden_copies_at_batch_2(name, pair):
 
 def _count_triton_launches(monkeypatch) -> dict:
     """Count the fused ops' Triton launches (the custom ops call the launchers by name)."""
-    launches = {"relu_cat": 0, "add_relu_": 0}
+    launchers = {"relu_cat": "relu_cat_triton", "add_relu_": "add_relu_triton_",
+                 "relu_split_pool": "relu_split_pool_triton"}  # fmt: skip
+    launches = dict.fromkeys(launchers, 0)
 
     def counting(key, real):
         def launch(*args):
@@ -690,7 +800,7 @@ def _count_triton_launches(monkeypatch) -> dict:
 
         return launch
 
-    for key, name in (("relu_cat", "relu_cat_triton"), ("add_relu_", "add_relu_triton_")):
+    for key, name in launchers.items():
         monkeypatch.setattr(fused, name, counting(key, getattr(fused, name)))
     return launches
 
@@ -708,14 +818,14 @@ def _cuda_scnet50(perturb, memory_format):
 def test_cuda_optimized_scnet50_matches(
     batch, memory_format, perturb_batchnorm, no_tf32, monkeypatch
 ):
-    """Triton gate and Triton fused ops in every block; batch 1 NCHW runs the merged conv1."""
+    """Triton gate and Triton fused ops in every block, at every batch and layout."""
     model = _cuda_scnet50(perturb_batchnorm, memory_format)
     optimized = optimize_for_inference(model)
     launches = _count_triton_launches(monkeypatch)
     images = torch.randn(batch, 3, 224, 224, device="cuda").contiguous(memory_format=memory_format)
     with torch.inference_mode():
         ref, out = model(images), optimized(images)
-    assert launches == {"relu_cat": 16, "add_relu_": 16}
+    assert launches == {"relu_cat": 16, "add_relu_": 16, "relu_split_pool": 16}
     assert _relative_error(out, ref) <= 10 * RTOL  # cuDNN picks other algorithms per weight
 
 
@@ -732,7 +842,7 @@ def test_cuda_bf16_autocast_channels_last(perturb_batchnorm, monkeypatch):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = optimized(images)
     assert out.dtype == torch.bfloat16
-    assert launches == {"relu_cat": 16, "add_relu_": 16}
+    assert launches == {"relu_cat": 16, "add_relu_": 16, "relu_split_pool": 16}
     assert _relative_error(out.float(), ref) <= 3e-2  # bf16 roundings (measured 0.7 % on a CPU)
 
 
@@ -757,6 +867,14 @@ def test_cuda_fused_ops_at_batch_256(half, size, channels, layout):
     expected = torch.relu(x + residual)
     torch.ops.scconv.add_relu_(x, residual)
     torch.testing.assert_close(x, expected, rtol=0, atol=0)
+    # relu_split_pool on the block's merged conv1 output (both halves), SCNet's r = 4. On a GPU
+    # the pool rounds to nearest like avg_pool2d: only float32 summation order can differ.
+    m = torch.cat([a, b], dim=1).contiguous(memory_format=layout)
+    outputs = torch.ops.scconv.relu_split_pool(m, half, 4)
+    for out, ref in zip(outputs, _relu_split_pool_eager(m, half, 4), strict=True):
+        assert out.is_contiguous(memory_format=layout)
+        torch.testing.assert_close(out, ref, rtol=2**-7, atol=1e-6)
+    torch.testing.assert_close(outputs[0], torch.relu(a), rtol=0, atol=0)
 
 
 @pytest.mark.cuda
@@ -771,3 +889,6 @@ def test_cuda_fused_ops_on_a_second_gpu():
     expected = torch.relu(x + residual)
     torch.ops.scconv.add_relu_(x, residual)
     torch.testing.assert_close(x, expected, rtol=0, atol=0)
+    for got, ref in zip(torch.ops.scconv.relu_split_pool(out, 4, 4),
+                        _relu_split_pool_eager(out, 4, 4), strict=True):  # fmt: skip
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)

@@ -915,12 +915,27 @@ for layout in (torch.contiguous_format, cl):
         info = codegen.summary(codegen.compile_fused(kernel, *inputs))
         assert "ld.global.v4.b32" in info["loads"], (kernel, layout, info)
         assert "st.global.v4.b32" in info["stores"], (kernel, layout, info)
+# relu_split_pool on SCNet-50's layer1 conv1 output (two halves of 32 channels at 56x56):
+# 16-byte accesses along channels (channels_last) and along rows of 56 = 8 * 7 (NCHW, ALIGN 8).
+for layout in (torch.contiguous_format, cl):
+    a = meta((2, 32, 56, 56), layout=layout)
+    info = codegen.summary(codegen.compile_fused("relu_split_pool", a, a))
+    assert "ld.global.v4.b32" in info["loads"], (layout, info)
+    assert info["stores"].get("st.global.v4.b32", 0) >= 2, (layout, info)  # a and b
+a = meta((2, 128, 14, 14))  # rows of 14 = 2 * 7: ALIGN 2, 4-byte bf16 pairs
+info = codegen.summary(codegen.compile_fused("relu_split_pool", a, a))
+assert set(info["loads"]) == {"ld.global.b32"}, info
 a, b = meta((1, 3, 5, 7), torch.float64), meta((1, 2, 5, 7), torch.float64)
 codegen.compile_fused("relu_cat", a, b)
 codegen.compile_fused("add_relu", a, a)
+codegen.compile_fused("relu_split_pool", a, b)
 codegen.fused._INT32_LIMIT = 16  # the int64 index paths
 codegen.compile_fused("relu_cat", a, b)
 codegen.compile_fused("add_relu", a, a)
+# No pointer arithmetic on an int32 offset is left with WIDE_INDEX.
+ir = codegen.compile_fused("relu_split_pool", a, b).asm["ttir"]
+pattern = re.compile("tt[.]addptr .*: .*, (tensor<[0-9x]+xi32>|i32)( |$)")
+assert not [line for line in ir.splitlines() if pattern.search(line)], ir
 print("ok")
 """
 
