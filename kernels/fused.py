@@ -26,14 +26,15 @@ times "inner" elements:
     channels_last:  outer = N * H * W,  a row of a holds Ca elements
 
 and the output row is a's row followed by b's row. Other strides (and an ``add_relu_`` residual
-of another dtype, as under autocast) take the composite path.
+of another dtype, as under autocast) take the composite path. (relu_split_pool, below, is
+addressed by strides instead.)
 Results are bit-identical to eager PyTorch: ReLU is exact, and x + r is computed in float32
 (float64 for float64) and rounded once, as ATen's ``add`` does for half types. The one exception
 is relu_split_pool's pool: it sums each window in float32 (float64) too, but column sums first,
 so a float32 mean can differ from ``avg_pool2d``'s (row by row) in its last bit.
 
-relu_split_pool addresses its tensors by strides (any 4-D layout; the custom op sends dense
-NCHW and channels_last inputs to it): each program takes one group of r rows of one image, a
+relu_split_pool addresses its tensors by strides (any 4-D layout; the custom op sends every
+CUDA input to it when r is a power of two): each program takes one group of r rows of one image, a
 block of channels and a block of columns (a multiple of r), ReLUs and stores each row into its
 half, and sums the rows of the b channels for the pool. Row groups and columns past the last
 whole window (H or W not a multiple of r, as at SCNet's 14x14 and 7x7 stages) are copied but not

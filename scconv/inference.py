@@ -113,8 +113,9 @@ def _relu(x: torch.Tensor) -> torch.Tensor:
 
 
 def _register_fused_ops() -> None:
-    """Register ``torch.ops.scconv.relu_cat`` and ``add_relu_`` (importing ``kernels.fused``, and
-    with it triton, on first use only: ``import scconv`` stays free of triton)."""
+    """Register ``torch.ops.scconv.relu_cat``, ``add_relu_`` and ``relu_split_pool`` (importing
+    ``kernels.fused``, and with it triton, on first use only: ``import scconv`` stays free of
+    triton)."""
     import kernels.fused  # noqa: F401
 
 
@@ -220,17 +221,24 @@ def _why_not_foldable(conv: nn.Module, bn: nn.Module) -> str | None:
 def _why_not_plain_pool(sc: SCConv) -> str | None:
     """None if ``sc.k2`` starts with the pool ``relu_split_pool`` computes (``AvgPool2d(r, r)``,
     r = pooling_r, no padding, floor mode, no divisor override), else the reason."""
-    pool, r = sc.k2[0], sc.pooling_r
+    r = sc.pooling_r
+    if len(sc.k2) == 0:
+        return f"scconv.k2 is empty, not AvgPool2d({r}, {r}) and a convolution"
+    pool = sc.k2[0]
+    if type(pool) is not nn.AvgPool2d:
+        return f"scconv.k2 starts with a {type(pool).__name__}, not AvgPool2d({r}, {r})"
     pair = lambda v: tuple(v) if isinstance(v, tuple | list) else (v, v)  # noqa: E731
-    plain = (
-        type(pool) is nn.AvgPool2d
-        and pair(pool.kernel_size) == (r, r)
-        and pair(pool.stride) == (r, r)
-        and pair(pool.padding) == (0, 0)
-        and not pool.ceil_mode
-        and pool.divisor_override is None
-    )
-    return None if plain else f"scconv.k2 starts with {pool}, not AvgPool2d({r}, {r})"
+    settings = {
+        "kernel_size": (pair(pool.kernel_size), (r, r)),
+        "stride": (pair(pool.stride), (r, r)),
+        "padding": (pair(pool.padding), (0, 0)),
+        "ceil_mode": (pool.ceil_mode, False),
+        "divisor_override": (pool.divisor_override, None),
+    }
+    wrong = [f"{name}={got}" for name, (got, wanted) in settings.items() if got != wanted]
+    if wrong:
+        return f"scconv.k2's AvgPool2d has {', '.join(wrong)}, not AvgPool2d({r}, {r})'s"
+    return None
 
 
 def _memory_format(t: torch.Tensor) -> torch.memory_format:

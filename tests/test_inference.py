@@ -8,6 +8,7 @@ CUDA dispatch of the optimized models and are skipped without a GPU.
 """
 
 import copy
+import re
 
 import pytest
 import torch
@@ -238,12 +239,23 @@ def test_scconv_takes_a_precomputed_pool(perturb_batchnorm):
             sc(x, pooled=torch.nn.functional.avg_pool2d(x, 4, 4, ceil_mode=True))
 
 
-def test_a_k2_pool_other_than_the_plain_one_leaves_the_block_unchanged(perturb_batchnorm):
+@pytest.mark.parametrize(
+    "pool, message",
+    [
+        (nn.AvgPool2d(4, 4, ceil_mode=True), "has ceil_mode=True, not AvgPool2d(4, 4)'s"),
+        (nn.AvgPool2d(4, 4, divisor_override=8), "has divisor_override=8, not"),
+        (nn.AvgPool2d(4, 2, padding=1), "has stride=(2, 2), padding=(1, 1), not"),
+        (nn.MaxPool2d(4, 4), "starts with a MaxPool2d, not AvgPool2d(4, 4)"),
+    ],
+)
+def test_a_k2_pool_other_than_the_plain_one_leaves_the_block_unchanged(
+    pool, message, perturb_batchnorm
+):
     """relu_split_pool computes AvgPool2d(r, r): a block whose k2 pools otherwise is reported in
     the warning and left as it was, never run with the wrong pool."""
     block = _sc_block(perturb_batchnorm)
-    block.scconv.k2[0] = nn.AvgPool2d(4, 4, ceil_mode=True).eval()
-    with pytest.warns(UserWarning, match=r"scconv.k2 starts with AvgPool2d.*not AvgPool2d\(4, 4\)"):
+    block.scconv.k2[0] = pool.eval()
+    with pytest.warns(UserWarning, match=re.escape(message)):
         optimized = optimize_for_inference(block)
     assert type(optimized) is scconv.SCBottleneck
 
@@ -426,10 +438,11 @@ def _relu_split_pool_eager(m, split, r):
 # take two channel blocks in channels_last.
 # In NCHW, rows of 16 and 12 columns take the aligned path (ALIGN 16 and 4: W and the strides
 # reach the kernel divided by it).
+# r = 1 (a copy of b), r = 8, and r equal to H (one row of windows).
 @pytest.mark.parametrize(
     "shape, split, r",
     [((2, 12, 9, 13), 5, 4), ((3, 6, 7, 5), 3, 4), ((2, 70, 6, 10), 32, 2),
-     ((2, 12, 8, 16), 5, 4), ((1, 6, 5, 12), 2, 4)],
+     ((2, 12, 8, 16), 5, 4), ((1, 6, 5, 12), 2, 4), ((2, 6, 3, 5), 2, 1), ((1, 5, 8, 17), 2, 8)],
 )  # fmt: skip
 def test_relu_split_pool_triton_matches_eager(dtype, layout, shape, split, r):
     torch.manual_seed(0)
@@ -459,8 +472,9 @@ def test_relu_split_pool_any_strides_any_r_and_bad_input():
                             _relu_split_pool_eager(m, split, r), strict=True):  # fmt: skip
             torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
             assert out.is_contiguous()
-    torch.testing.assert_close(fused.relu_split_pool_triton(m, 3, 4)[2],
-                               _relu_split_pool_eager(m, 3, 4)[2])  # fmt: skip
+    for out, ref in zip(fused.relu_split_pool_triton(m, 3, 4), _relu_split_pool_eager(m, 3, 4),
+                        strict=True):  # fmt: skip
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="r must be a power of two, got 3"):
         fused.relu_split_pool_triton(m, 3, 3)
     with pytest.raises(ValueError, match="0 < split < 8, got 8"):
