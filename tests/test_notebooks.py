@@ -112,7 +112,7 @@ def test_missing_csvs_are_reported_in_the_cells(tmp_path, monkeypatch):
     monkeypatch.setenv("SCCONV_BENCH_RESULTS", str(tmp_path))  # the kernel inherits it
     executed = notebooks.execute(notebooks.NOTEBOOK_DIR / "speed_vs_resnet.ipynb")
     text = _stdout(executed)
-    for name in ("model_summary", "models", "breakdown", "gating_correctness"):
+    for name in ("model_summary", "models", "breakdown", "gating_correctness", "bytes_moved"):
         assert f"MISSING {name}.csv in {tmp_path / 'cpu'}/" in text, name
     assert "MISSING gating.csv" not in text
     executed = notebooks.execute(notebooks.NOTEBOOK_DIR / "autotune_sweep.ipynb")
