@@ -27,6 +27,7 @@ from bench.common import (
     default_device,
     default_out_dir,
     log,
+    memory_format_from_name,
     metadata,
 )
 from bench.gating import GATING_SHAPES, LAYOUTS, GatingShape, make_inputs
@@ -94,7 +95,7 @@ def check_case(
                 "dtype": dtype,
                 "layout": layout,
                 "tensor": name,
-                "layout_kept": actual.is_contiguous(memory_format=_format(layout)),
+                "layout_kept": actual.is_contiguous(memory_format=memory_format_from_name(layout)),
                 "max_abs_err": max_abs,
                 "err_over_tol": excess,
                 "eager_max_abs_err": eager_abs,
@@ -104,10 +105,6 @@ def check_case(
             }
         )
     return rows
-
-
-def _format(layout: str):
-    return torch.channels_last if layout == "channels_last" else torch.contiguous_format
 
 
 def run(

@@ -151,6 +151,18 @@ def csv_list(text: str) -> tuple[str, ...]:
     return tuple(item for item in text.split(",") if item)
 
 
+LAYOUT_FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def memory_format_from_name(layout: str) -> torch.memory_format:
+    """``"nchw"``/``"channels_last"`` -> torch memory format; anything else is a ``ValueError``."""
+    if layout not in LAYOUT_FORMATS:
+        raise ValueError(
+            f"unknown layout {layout!r}; valid layouts are {', '.join(LAYOUT_FORMATS)}"
+        )
+    return LAYOUT_FORMATS[layout]
+
+
 def dtype_from_name(name: str) -> torch.dtype:
     """``"fp32"``/``"fp16"``/``"bf16"`` -> torch dtype; anything else is a ``ValueError``."""
     if name not in DTYPES:

@@ -38,6 +38,7 @@ from bench.common import (
     default_out_dir,
     dtype_from_name,
     log,
+    memory_format_from_name,
     metadata,
     raise_failures,
     record_failure,
@@ -121,10 +122,8 @@ def make_inputs(
     seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Random x, k2, k3 and an upstream gradient g, in ``layout`` (``nchw``/``channels_last``)."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; valid layouts are {', '.join(LAYOUTS)}")
+    memory_format = memory_format_from_name(layout)  # ValueError naming an unknown layout
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
 
     def rand(*size):
         t = torch.randn(*size, generator=generator).to(device=device, dtype=dtype)

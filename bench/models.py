@@ -51,6 +51,7 @@ from bench.common import (
     default_out_dir,
     dtype_name,
     log,
+    memory_format_from_name,
     metadata,
     peak_memory_mib,
     raise_failures,
@@ -217,17 +218,14 @@ def build_model(name: str, gate: str, device: str, layout: str) -> nn.Module:
     import scconv
 
     model = scconv.create_model(name, gate=None if gate == NO_GATE else gate)
-    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    return model.to(device=device, memory_format=memory_format)
+    return model.to(device=device, memory_format=memory_format_from_name(layout))
 
 
 def make_batch(case: Case, device: str, num_classes: int = 1000, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     images = torch.randn(case.batch, 3, case.image_size, case.image_size, generator=generator)
     labels = torch.randint(0, num_classes, (case.batch,), generator=generator)
-    memory_format = (
-        torch.channels_last if case.layout == "channels_last" else torch.contiguous_format
-    )
+    memory_format = memory_format_from_name(case.layout)
     return images.to(device=device, memory_format=memory_format), labels.to(device)
 
 

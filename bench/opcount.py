@@ -46,7 +46,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import scconv
-from bench.common import DTYPES, dtype_from_name
+from bench.common import DTYPES, dtype_from_name, memory_format_from_name
 from scconv.inference import optimize_for_inference
 from scconv.models import InputTooSmallError
 
@@ -59,7 +59,6 @@ _ALLOCATIONS = frozenset(
         torch.ops.aten.new_empty_strided,
     )
 )
-LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 # Every model of scconv.list_models(): the four SCNets, then the two ResNets.
 DEFAULT_MODELS = ("scnet50", "scnet101", "scnet50_v1d", "scnet101_v1d", "resnet50", "resnet101")
 
@@ -217,9 +216,7 @@ def _traffic_models(name: str, size: int, batch: int, dtype: str, layout: str):
     """(original, optimized, input) on the meta device in ``dtype`` and ``layout``: SCNets with
     the official eager gating in the original and the fused Triton gate in the optimized model
     (what a GPU runs)."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; valid layouts are {', '.join(LAYOUTS)}")
-    convert = {"dtype": dtype_from_name(dtype), "memory_format": LAYOUTS[layout]}
+    convert = {"dtype": dtype_from_name(dtype), "memory_format": memory_format_from_name(layout)}
     original, optimized = _models(name, "meta", "eager" if _has_gate(name) else None)
     if _has_gate(name):
         scconv.set_gate(optimized, "triton")

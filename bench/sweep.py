@@ -38,6 +38,7 @@ from bench.common import (
     default_out_dir,
     dtype_from_name,
     log,
+    memory_format_from_name,
     metadata,
     time_fn,
 )
@@ -93,9 +94,7 @@ def cases(shapes, batches, dtypes, layouts):
     for dtype in dtypes:
         for batch in batches:
             for layout in layouts:
-                memory_format = (
-                    torch.channels_last if layout == "channels_last" else torch.contiguous_format
-                )
+                memory_format = memory_format_from_name(layout)
                 for shape in shapes:
                     # The key depends on sizes, dtype, layout only: meta tensors allocate nothing.
                     probe_x, probe_k2 = (
