@@ -35,6 +35,8 @@ _PYTEST_RESULT = re.compile(rf"^=* ?(?P<result>(?:no tests ran|{_PYTEST_COUNT}"
 # noisy: on a shared CPU machine one such run gave SCNet-50 1.76x ResNet-50 where quiet runs gave
 # 1.05x.
 NOISY_SPREAD = 0.2
+# bytes_moved.csv's columns that the summary and the README table show.
+BYTES_COLUMNS = ("model", "original_gb", "optimized_gb", "saved", "optimized_vs_resnet")
 
 
 def test_result(out_dir) -> str | None:
@@ -419,9 +421,6 @@ def readme_tables(out_dir) -> str:
         rows = [[str(row[c]) for c in BYTES_COLUMNS] for _, row in moved.iterrows()]
         lines += _markdown_table(list(BYTES_COLUMNS), rows)
     return "\n".join(lines)
-
-
-BYTES_COLUMNS = ("model", "original_gb", "optimized_gb", "saved", "optimized_vs_resnet")
 
 
 def _traffic_case(moved) -> str:
