@@ -372,9 +372,20 @@ def relu_cat_triton(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
+_RELU_CAT_PLANS = runtime.LaunchPlans()
+
+
 def relu_cat_launch_arguments(a, b, out):
     """(args, constexprs, grid) of ``_relu_cat_kernel`` for a and b dense in out's memory
-    format, NCHW or channels_last (also used by ``kernels.codegen``)."""
+    format, NCHW or channels_last (also used by ``kernels.codegen``). The part derived from
+    metadata is cached (``runtime.LaunchPlans``)."""
+    key = (_INT32_LIMIT, runtime.layout_key(a, b, out))
+    scalars, constexprs, grid = _RELU_CAT_PLANS.get(key, _relu_cat_plan, a, b, out)
+    return (a, b, out, *scalars), dict(constexprs), grid
+
+
+def _relu_cat_plan(a, b, out):
+    """(scalar arguments, constexprs, grid) of a relu_cat launch on these tensors."""
     n, ca, h, w = a.shape
     cb = b.shape[1]
     if out.is_contiguous():
@@ -389,7 +400,7 @@ def relu_cat_launch_arguments(a, b, out):
     block_o = BLOCK_ELEMENTS // block_r
     programs = triton.cdiv(outer, block_o) * triton.cdiv(row, block_r)
     constexprs = {"BLOCK_O": block_o, "BLOCK_R": block_r, "WIDE_INDEX": out.numel() > _INT32_LIMIT}
-    return (a, b, out, outer, row_a, row_b), constexprs, (programs,)
+    return (outer, row_a, row_b), constexprs, (programs,)
 
 
 def add_relu_triton_(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -454,9 +465,21 @@ def relu_split_pool_triton(m: torch.Tensor, split: int, r: int):
     return outputs
 
 
+_RELU_SPLIT_POOL_PLANS = runtime.LaunchPlans()
+
+
 def relu_split_pool_launch_arguments(m, split, r, a, b, pooled):
     """(args, constexprs, grid) of ``_relu_split_pool_kernel`` (also used by
-    ``kernels.codegen``)."""
+    ``kernels.codegen``). The part derived from metadata is cached (``runtime.LaunchPlans``)."""
+    key = (m.dtype, split, r, _INT32_LIMIT, runtime.layout_key(m, a, b, pooled))
+    scalars, constexprs, grid = _RELU_SPLIT_POOL_PLANS.get(
+        key, _relu_split_pool_plan, m, split, r, a, b, pooled
+    )
+    return (m, a, b, pooled, *scalars), dict(constexprs), grid
+
+
+def _relu_split_pool_plan(m, split, r, a, b, pooled):
+    """(scalar arguments, constexprs, grid) of a relu_split_pool launch on these tensors."""
     n, c, h, w = m.shape
     if m.stride(1) == 1 and c > 1:  # channels contiguous: long along C
         block_c = min(64, triton.next_power_of_2(c))
@@ -486,9 +509,9 @@ def relu_split_pool_launch_arguments(m, split, r, a, b, pooled):
         "COMPUTE_DTYPE": tl.float64 if m.dtype == torch.float64 else tl.float32,
         "ALIGN": align,
     }
-    args = (m, a, b, pooled, c, split, h, w // align, h // r, w // r,
-            *(s for strides in aligned for s in strides), *gate._index_strides(pooled))  # fmt: skip
-    return args, constexprs, (programs,)
+    strides = [s for t_strides in aligned for s in t_strides] + list(gate._index_strides(pooled))
+    scalars = (c, split, h, w // align, h // r, w // r, *strides)
+    return scalars, constexprs, (programs,)
 
 
 # --------------------------------------------------------------------------------------------

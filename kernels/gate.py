@@ -417,19 +417,19 @@ def check_inputs(x: torch.Tensor, k2: torch.Tensor, k3: torch.Tensor) -> None:
         raise ValueError(
             f"sc_gate: x, k2, k3 must be on one device, got {x.device}, {k2.device}, {k3.device}"
         )
-    shapes = f"x {tuple(x.shape)}, k2 {tuple(k2.shape)}, k3 {tuple(k3.shape)}"
     if x.dim() != 4 or k2.dim() != 4 or k3.dim() != 4:
-        raise ValueError(f"sc_gate: x, k2, k3 must be 4-D (N, C, H, W) tensors, got {shapes}")
-    if k3.shape != x.shape:
-        raise ValueError(f"sc_gate: k3 must have x's shape, got {shapes}")
-    if k2.shape[:2] != x.shape[:2]:
-        raise ValueError(f"sc_gate: k2 must have x's batch size and channels (N, C), got {shapes}")
-    H, W = x.shape[-2:]
-    h, w = k2.shape[-2:]
-    if not (1 <= h <= H and 1 <= w <= W):
-        raise ValueError(
-            f"sc_gate: k2's spatial size must satisfy 1 <= h <= H and 1 <= w <= W, got {shapes}"
-        )
+        problem = "x, k2, k3 must be 4-D (N, C, H, W) tensors"
+    elif k3.shape != x.shape:
+        problem = "k3 must have x's shape"
+    elif k2.shape[:2] != x.shape[:2]:
+        problem = "k2 must have x's batch size and channels (N, C)"
+    elif not (1 <= k2.shape[2] <= x.shape[2] and 1 <= k2.shape[3] <= x.shape[3]):
+        problem = "k2's spatial size must satisfy 1 <= h <= H and 1 <= w <= W"
+    else:
+        return
+    # The message is formatted only here: this check runs on every launch.
+    shapes = f"x {tuple(x.shape)}, k2 {tuple(k2.shape)}, k3 {tuple(k3.shape)}"
+    raise ValueError(f"sc_gate: {problem}, got {shapes}")
 
 
 @triton.jit
@@ -580,21 +580,23 @@ def _gpu_name(device_index: int) -> str:
     return torch.cuda.get_device_name(device_index)
 
 
-def _stored_config(kernel: str, x: torch.Tensor, k2: torch.Tensor):
+def _stored_config(kernel: str, device: torch.device, table_key: str):
     """The table's winner for this call, or None (always None under the interpreter)."""
-    if INTERPRETED or x.device.type != "cuda":
+    if INTERPRETED or device.type != "cuda":
         return None
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    return configs.lookup(kernel, _gpu_name(index), configs.table_key(x, k2))
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return configs.lookup(kernel, _gpu_name(index), table_key)
 
 
-def _launch(kernel, autotuned, kernel_name, grid, args, constexprs, config, x, k2):
-    """Launch ``config``, else the table's winner, else the autotuner."""
+def _launch(kernel, autotuned, kernel_name, args, plan, config, device):
+    """Launch ``config``, else the table's winner, else the autotuner, with a plan's
+    constexprs and grid."""
+    _, constexprs, grid, table_key = plan
     if config is None:
-        config = _stored_config(kernel_name, x, k2)
+        config = _stored_config(kernel_name, device, table_key)
     with contextlib.ExitStack() as stack:
-        if x.device.type == "cuda":
-            stack.enter_context(torch.cuda.device(x.device))
+        if device.type == "cuda":
+            stack.enter_context(torch.cuda.device(device))
         if INTERPRETED:
             # The interpreter evaluates in numpy, which warns where exp overflows to inf or
             # inf * 0 gives NaN; both are the intended IEEE results (eager PyTorch is silent).
@@ -606,11 +608,27 @@ def _launch(kernel, autotuned, kernel_name, grid, args, constexprs, config, x, k
             kernel[grid](*args, **constexprs, **config.kwargs, **launch)
 
 
+_FORWARD_PLANS = runtime.LaunchPlans()
+_BACKWARD_PLANS = runtime.LaunchPlans()
+
+
 def forward_launch_arguments(x, k2, k3, out):
     """(positional arguments, constexpr keywords, grid function) of ``_gate_forward_kernel``.
 
-    Shared by the launcher and ``kernels/codegen.py``, so inspected code is launched code.
+    Shared by the launcher and ``kernels/codegen.py``, so inspected code is launched code. The
+    part derived from metadata is cached (see ``runtime.LaunchPlans``).
     """
+    scalars, constexprs, grid, _ = _cached_forward_plan(x, k2, k3, out)
+    return (x, k2, k3, out, *scalars), dict(constexprs), grid
+
+
+def _cached_forward_plan(x, k2, k3, out):
+    key = (x.dtype, _INT32_LIMIT, runtime.layout_key(x, k2, k3, out))
+    return _FORWARD_PLANS.get(key, _forward_plan, x, k2, k3, out)
+
+
+def _forward_plan(x, k2, k3, out):
+    """(scalar arguments, constexprs, grid, table key) of a forward launch on these tensors."""
     N, C, H, W = x.shape
     h, w = k2.shape[-2:]
     align = plane_align(x, k3, out)
@@ -618,8 +636,7 @@ def forward_launch_arguments(x, k2, k3, out):
     def aligned(t):  # sample and channel strides divided by the kernel's PLANE_ALIGN
         return _aligned_strides(t, align, divided=2)
 
-    args = (
-        x, k2, k3, out,
+    scalars = (
         N, C, H, W, H * W // align, h, w,
         nearest_scale(h, H), nearest_scale(w, W),
         *aligned(x), *k2.stride(), *aligned(k3), *aligned(out),
@@ -636,11 +653,23 @@ def forward_launch_arguments(x, k2, k3, out):
     def grid(meta):
         return (N * triton.cdiv(C, meta["BLOCK_C"]) * triton.cdiv(H * W, meta["BLOCK_HW"]),)
 
-    return args, constexprs, grid
+    return scalars, constexprs, grid, configs.table_key(x, k2)
 
 
 def backward_launch_arguments(grad_out, x, k2, k3, grad_x, grad_k2, grad_k3):
     """(positional arguments, constexpr keywords, grid function) of ``_gate_backward_kernel``."""
+    tensors = (grad_out, x, k2, k3, grad_x, grad_k2, grad_k3)
+    scalars, constexprs, grid, _ = _cached_backward_plan(*tensors)
+    return (*tensors, *scalars), dict(constexprs), grid
+
+
+def _cached_backward_plan(*tensors):
+    key = (tensors[1].dtype, _INT32_LIMIT, runtime.layout_key(*tensors))
+    return _BACKWARD_PLANS.get(key, _backward_plan, *tensors)
+
+
+def _backward_plan(grad_out, x, k2, k3, grad_x, grad_k2, grad_k3):
+    """(scalar arguments, constexprs, grid, table key) of a backward launch on these tensors."""
     N, C, H, W = x.shape
     h, w = k2.shape[-2:]
     footprint_w = max_footprint(W, w)
@@ -649,8 +678,7 @@ def backward_launch_arguments(grad_out, x, k2, k3, grad_x, grad_k2, grad_k3):
     def aligned(t):  # sample, channel and row strides divided by the kernel's ROW_ALIGN
         return _aligned_strides(t, align, divided=3)
 
-    args = (
-        grad_out, x, k2, k3, grad_x, grad_k2, grad_k3,
+    scalars = (
         N, C, H, W, h, w,
         nearest_scale(h, H), nearest_scale(w, W), footprint_w,
         *aligned(grad_out), *aligned(x), *k2.stride(), *aligned(k3),
@@ -667,7 +695,7 @@ def backward_launch_arguments(grad_out, x, k2, k3, grad_x, grad_k2, grad_k3):
     def grid(meta):
         return (N * h * triton.cdiv(C, meta["BLOCK_C"]) * triton.cdiv(w, meta["BLOCK_Q"]),)
 
-    return args, constexprs, grid
+    return scalars, constexprs, grid, configs.table_key(x, k2)
 
 
 def gate_forward(
@@ -693,11 +721,9 @@ def gate_forward(
     if out.numel() == 0:
         return out
     _check_launchable(x)
-    args, constexprs, grid = forward_launch_arguments(x, k2, k3, out)
-    _launch(
-        _gate_forward_kernel, _gate_forward_autotuned, "forward", grid, args, constexprs, config,
-        x, k2,
-    )  # fmt: skip
+    plan = _cached_forward_plan(x, k2, k3, out)
+    args = (x, k2, k3, out, *plan[0])
+    _launch(_gate_forward_kernel, _gate_forward_autotuned, "forward", args, plan, config, x.device)
     return out
 
 
@@ -738,10 +764,10 @@ def gate_backward(
     if grad_x.numel() == 0:
         return grad_x, grad_k2, grad_k3
     _check_launchable(x)
-    grads = (grad_x, grad_k2, grad_k3)
-    args, constexprs, grid = backward_launch_arguments(grad_out, x, k2, k3, *grads)
+    tensors = (grad_out, x, k2, k3, grad_x, grad_k2, grad_k3)
+    plan = _cached_backward_plan(*tensors)
     _launch(
-        _gate_backward_kernel, _gate_backward_autotuned, "backward", grid, args, constexprs,
-        config, x, k2,
+        _gate_backward_kernel, _gate_backward_autotuned, "backward", (*tensors, *plan[0]), plan,
+        config, x.device,
     )  # fmt: skip
     return grad_x, grad_k2, grad_k3

@@ -18,6 +18,8 @@ always built for the interpreter, whatever the user imported first:
 When the interpreter cannot be used (no CUDA, and ``TRITON_INTERPRET`` set to a false value before
 the kernels were built) :func:`require_runnable` raises a ``RuntimeError`` that says what to do.
 
+:class:`LaunchPlans` caches, per kernel, what a launcher derives from its tensors' metadata.
+
 This module imports only ``torch`` (never ``triton``), so it is safe to import first.
 """
 
@@ -80,3 +82,41 @@ def require_launchable(interpreted: bool, device: torch.device, op: str, off_cud
             f"{op}: the Triton kernels are compiled for CUDA here, got tensors on {device}; "
             f"move them to the GPU, or {off_cuda}"
         )
+
+
+class LaunchPlans:
+    """Launch plans of one kernel, by the launch's tensor metadata.
+
+    A plan is everything a launcher derives from the shapes, strides and dtype of its tensors
+    (scalar arguments, constexprs, grid, table key). Deriving it costs 15-20 us of Python per
+    launch, which at batch 1 is longer than the kernel runs; looking it up costs about 2 us.
+    ``key`` must hold every input of the plan: the tensors' shapes and strides, their dtype, the
+    non-tensor arguments, and module constants the builder reads that tests may change (such as
+    ``_INT32_LIMIT``). At ``max_plans`` distinct keys the cache starts over, so a program that
+    sees ever new shapes keeps a bounded cache.
+    """
+
+    def __init__(self, max_plans: int = 4096):
+        self.max_plans = max_plans
+        self._plans: dict = {}
+
+    def get(self, key, build, *args):
+        """The plan stored under ``key``, else ``build(*args)``, stored."""
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = build(*args)
+            if len(self._plans) >= self.max_plans:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+    def clear(self) -> None:
+        self._plans.clear()
+
+
+def layout_key(*tensors: torch.Tensor) -> tuple:
+    """The shapes and strides of ``tensors``: with their dtype, what a launch plan depends on."""
+    return tuple((t.shape, t.stride()) for t in tensors)

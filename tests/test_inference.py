@@ -551,6 +551,36 @@ def test_launchers_refuse_cpu_tensors_when_compiled(monkeypatch):
         fused.relu_split_pool_triton(a, 1, 2)
 
 
+def test_fused_launch_plans_are_cached_by_every_input_of_the_plan(monkeypatch):
+    """relu_split_pool's and relu_cat's launch arguments are cached (kernels.runtime.LaunchPlans)
+    by shapes, strides, dtype, split, r and the int32 limit."""
+    from kernels import runtime
+
+    monkeypatch.setattr(fused, "_RELU_SPLIT_POOL_PLANS", runtime.LaunchPlans())
+    monkeypatch.setattr(fused, "_RELU_CAT_PLANS", runtime.LaunchPlans())
+    with torch.device("meta"):
+        m = torch.empty(2, 12, 8, 16)
+    cases = [(m, 5, 4), (m.to(memory_format=torch.channels_last), 5, 4), (m, 6, 4), (m, 5, 2),
+             (m.double(), 5, 4), (m[..., :12], 5, 4)]  # fmt: skip
+    for m_, split, r in cases:
+        outputs = fused._relu_split_pool_empty(m_, split, r)
+        args, constexprs, grid = fused.relu_split_pool_launch_arguments(m_, split, r, *outputs)
+        scalars, fresh_constexprs, fresh_grid = fused._relu_split_pool_plan(m_, split, r, *outputs)
+        assert args == (m_, *outputs, *scalars) and constexprs == fresh_constexprs
+        assert grid == fresh_grid and not constexprs["WIDE_INDEX"]
+    assert len(fused._RELU_SPLIT_POOL_PLANS) == len(cases)
+    a, b = m[:, :5], m[:, 5:]
+    for a_, b_ in ((a, b), (a.contiguous(), b.contiguous())):
+        out = fused._relu_cat_empty(a_, b_)
+        args, constexprs, grid = fused.relu_cat_launch_arguments(a_, b_, out)
+        assert (args[3:], constexprs, grid) == fused._relu_cat_plan(a_, b_, out)
+    monkeypatch.setattr(fused, "_INT32_LIMIT", 16)  # after plans at the real limit were cached
+    outputs = fused._relu_split_pool_empty(m, 5, 4)
+    assert fused.relu_split_pool_launch_arguments(m, 5, 4, *outputs)[1]["WIDE_INDEX"]
+    out = fused._relu_cat_empty(a, b)
+    assert fused.relu_cat_launch_arguments(a, b, out)[1]["WIDE_INDEX"]
+
+
 def test_relu_cat_refuses_rows_near_the_int32_limit():
     """The kernel's row block count, row + BLOCK_R - 1, must not wrap past 2**31 - 1."""
     with torch.device("meta"):

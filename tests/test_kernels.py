@@ -269,6 +269,61 @@ def test_plane_alignment_is_one_without_a_contiguous_plane():
     assert gate.plane_align(y[..., ::2], y[..., ::2], y[..., ::2]) == 1  # column stride 2
 
 
+def test_launch_plans_are_cached_by_every_input_of_the_plan(monkeypatch):
+    """Launch arguments are cached by shapes, strides, dtype and the int32 limit: a cached plan is
+    reused only where a fresh one would be the same, and a lowered ``_INT32_LIMIT`` (the int64
+    tests) is not hidden by a plan cached at the real limit."""
+    from kernels import runtime
+
+    monkeypatch.setattr(gate, "_FORWARD_PLANS", runtime.LaunchPlans())
+    monkeypatch.setattr(gate, "_BACKWARD_PLANS", runtime.LaunchPlans())
+
+    def fresh_forward(x, k2, k3, out):
+        scalars, constexprs, _, table_key = gate._forward_plan(x, k2, k3, out)
+        return (x, k2, k3, out, *scalars), constexprs, table_key
+
+    with torch.device("meta"):
+        x = torch.empty(2, 8, 14, 14)
+        k2 = torch.empty(2, 8, 4, 4)
+    cases = [
+        (x, k2, x, x),
+        (x.to(memory_format=torch.channels_last), k2, x, x),  # same shapes, other strides
+        (x.double(), k2.double(), x.double(), x.double()),  # same strides, other dtype
+        (torch.empty(2, 8, 16, 14, device="meta")[:, :, :14], k2, x, x),  # a row-padded view
+    ]
+    seen = set()
+    for inputs in cases:
+        first = gate.forward_launch_arguments(*inputs)
+        first[1]["PLANE_ALIGN"] = -1  # the caller's copy: must not reach the cache
+        args, constexprs, _ = gate.forward_launch_arguments(*inputs)
+        fresh_args, fresh_constexprs, table_key = fresh_forward(*inputs)
+        assert args == fresh_args and constexprs == fresh_constexprs
+        seen.add((args[4:], tuple(constexprs.items()), table_key))
+    assert len(seen) == len(cases) == len(gate._FORWARD_PLANS)  # each case its own plan
+
+    grads = [gate.empty_like_layout(t) for t in (x, k2, x)]
+    assert not gate.backward_launch_arguments(x, x, k2, x, *grads)[1]["WIDE_INDEX"]
+    assert not gate.forward_launch_arguments(x, k2, x, x)[1]["WIDE_INDEX"]
+    monkeypatch.setattr(gate, "_INT32_LIMIT", 16)
+    assert gate.backward_launch_arguments(x, x, k2, x, *grads)[1]["WIDE_INDEX"]
+    assert gate.forward_launch_arguments(x, k2, x, x)[1]["WIDE_INDEX"]
+
+
+def test_launch_plans_stay_bounded():
+    from kernels import runtime
+
+    plans, built = runtime.LaunchPlans(max_plans=2), []
+
+    def build(value):
+        built.append(value)
+        return value * 10
+
+    assert [plans.get(key, build, key) for key in (1, 2, 1)] == [10, 20, 10]
+    assert built == [1, 2] and len(plans) == 2
+    assert plans.get(3, build, 3) == 30 and len(plans) == 1  # full: started over
+    assert plans.get(1, build, 1) == 10 and built == [1, 2, 3, 1]
+
+
 def test_output_keeps_memory_format():
     x, k2, k3, _ = make_inputs(2, 3, 8, 8, 2, 2, layout="channels_last")
     assert gate.gate_forward(x, k2, k3).is_contiguous(memory_format=torch.channels_last)
