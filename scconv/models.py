@@ -4,6 +4,7 @@ import os
 import pickle
 import re
 import urllib.error
+import urllib.parse
 import zipfile
 from collections.abc import Callable, Mapping
 
@@ -251,6 +252,10 @@ def _extract_state_dict(checkpoint) -> Mapping[str, torch.Tensor]:
     return state
 
 
+# The sentence of torch's weights-only error that names the object it refused to unpickle.
+_REFUSED_GLOBAL = re.compile(r"WeightsUnpickler error:\s*(Unsupported global[^\n]+?\.)(\s|$)")
+
+
 def unreadable_checkpoint_reason(path: str, error: Exception) -> str:
     """Why ``torch.load(path, weights_only=True)`` raised ``error``, in words for the user
     (torch's own messages suggest ``weights_only=False`` even for a file that is no checkpoint)."""
@@ -261,17 +266,54 @@ def unreadable_checkpoint_reason(path: str, error: Exception) -> str:
     if not zipfile.is_zipfile(path):
         if head == b"PK":
             return "a damaged or truncated torch.save archive (no zip central directory)"
-        if head[:1] != b"\x80":  # neither torch.save's zip nor its legacy pickle format
+        if head[:1] == b"\x80" and head != b"\x80\x02":
+            # torch.save writes a zip archive, or (legacy format) pickles of protocol 2.
+            return f"a pickle of protocol {head[1]}, not a file written by torch.save"
+        if head[:1] != b"\x80":
             return "not a file written by torch.save"
     if isinstance(error, pickle.UnpicklingError):
-        # The first sentence after torch's advice names the refused object.
-        detail = re.search(r"WeightsUnpickler error:\s*([^\n]+?\.)(\s|$)", str(error))
-        return (
-            "it holds Python objects that weights-only loading refuses; scconv reads only "
-            "tensors and plain containers" + (f" ({detail[1]})" if detail else "")
-        )
+        refused = _REFUSED_GLOBAL.search(str(error))
+        if refused:
+            return (
+                "it holds Python objects that weights-only loading refuses; scconv reads only "
+                f"tensors and plain containers ({refused[1]})"
+            )
+        # Anything else the unpickler trips on ("Unsupported operand 0") is damaged data.
+        detail = re.search(r"WeightsUnpickler error:\s*([^\n]*\S)", str(error))
+        return "its pickled data is damaged" + (f" ({detail[1]})" if detail else "")
     first_line = str(error).split("\n", 1)[0]
     return f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
+
+
+def _load_checkpoint_file(path: str, shown_as: str):
+    """``torch.load`` of a local file, tensors and plain containers only; ``ValueError`` saying
+    why a file cannot be read, naming it as ``shown_as``."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        reason = unreadable_checkpoint_reason(path, error)
+        raise ValueError(f"{shown_as} is not a readable torch checkpoint: {reason}") from error
+
+
+def _download_checkpoint(url: str, name: str, check_hash: bool) -> str:
+    """The local copy of ``url`` in torch hub's checkpoint cache, downloaded if absent (torch
+    downloads to a temporary file and renames it: no half-written file is left in the cache).
+    ``check_hash``: the file name holds the first hex digits of its SHA-256
+    (``name-<sha256>.pth``, as the official checkpoints do), checked on download."""
+    cache = os.path.join(torch.hub.get_dir(), "checkpoints")
+    os.makedirs(cache, exist_ok=True)
+    path = os.path.join(cache, os.path.basename(urllib.parse.urlparse(url).path))
+    if os.path.exists(path):
+        return path
+    match = torch.hub.HASH_REGEX.search(os.path.basename(path)) if check_hash else None
+    try:
+        torch.hub.download_url_to_file(url, path, match[1] if match else None, progress=False)
+    except urllib.error.URLError as error:  # no network, DNS, HTTP status: not a cache error
+        reason = error if isinstance(error, urllib.error.HTTPError) else error.reason
+        raise OSError(f"cannot download the checkpoint of {name} from {url}: {reason}") from error
+    except RuntimeError as error:  # the SHA-256 of what arrived does not match the file name
+        raise ValueError(f"the checkpoint of {name} from {url} is corrupt: {error}") from error
+    return path
 
 
 def _read_checkpoint(source: str | os.PathLike, name: str):
@@ -282,21 +324,17 @@ def _read_checkpoint(source: str | os.PathLike, name: str):
             )
         source = OFFICIAL_URLS[name]
     if source.startswith(("http://", "https://")):
+        path = _download_checkpoint(source, name, check_hash=source in OFFICIAL_URLS.values())
         try:
-            return torch.hub.load_state_dict_from_url(source, map_location="cpu", check_hash=True)
-        except urllib.error.URLError as error:  # no network, DNS, HTTP status: not a cache error
-            reason = error if isinstance(error, urllib.error.HTTPError) else error.reason
-            message = f"cannot download the checkpoint of {name} from {source}: {reason}"
-            raise OSError(message) from error
+            return _load_checkpoint_file(path, f"{source!r} (downloaded to {path!r})")
+        except ValueError as error:
+            os.remove(path)  # a later call downloads again rather than reading the bad copy
+            raise ValueError(f"{error}; the downloaded copy was deleted") from error.__cause__
     if os.path.isdir(source):
         raise IsADirectoryError(f"checkpoint {source!r} is a directory, not a checkpoint file")
     if not os.path.isfile(source):
         raise FileNotFoundError(f"checkpoint {source!r} does not exist")
-    try:
-        return torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as error:
-        reason = unreadable_checkpoint_reason(source, error)
-        raise ValueError(f"{source!r} is not a readable torch checkpoint: {reason}") from error
+    return _load_checkpoint_file(source, repr(source))
 
 
 def load_weights(model: nn.Module, source, name: str | None = None) -> nn.Module:

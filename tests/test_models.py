@@ -2,7 +2,9 @@
 
 import json
 import pathlib
+import pickle
 import urllib.error
+import zipfile
 
 import pytest
 import torch
@@ -197,21 +199,97 @@ class _NotATensor:
     pass
 
 
-def test_official_weights_without_network_name_the_url(monkeypatch):
-    def offline(url, **kwargs):
+@pytest.fixture
+def hub_dir(tmp_path, monkeypatch):
+    """torch hub's cache in a fresh folder: downloads land in ``hub_dir / "checkpoints"``."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+def test_official_weights_without_network_name_the_url(monkeypatch, hub_dir):
+    def offline(url, dst, *args, **kwargs):
         raise urllib.error.URLError("Name or service not known")
 
-    def gone(url, **kwargs):
+    def gone(url, dst, *args, **kwargs):
         raise urllib.error.HTTPError(url, 404, "Not Found", None, None)
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(OSError, match=r"checkpoint of scnet50 from https://\S+: Name or service"):
         scconv.scnet50(weights="official")
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", gone)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", gone)
     with pytest.raises(OSError, match=r"from https://\S+: HTTP Error 404: Not Found"):
         scconv.scnet50(weights="official")
+    assert not list((hub_dir / "checkpoints").iterdir())  # nothing half-written is cached
 
 
+class _RunsCode:
+    """Unpickling this calls ``pathlib.Path.touch`` on ``marker``: code run from a checkpoint."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (pathlib.Path(self.marker),)
+
+
+@pytest.fixture
+def http_folder(tmp_path):
+    """(folder, base URL): a folder served over HTTP on 127.0.0.1 for the test's duration."""
+    import functools
+    import http.server
+    import threading
+
+    folder = tmp_path / "served"
+    folder.mkdir()
+
+    class QuietHandler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(QuietHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_weights_from_a_url_load_like_a_file(http_folder, hub_dir, tmp_path, monkeypatch):
+    """A URL is downloaded into the hub cache and read weights-only, as a path is: a file that
+    would run code is refused (and the code does not run), a file that is no checkpoint gets the
+    same reasons, and a bad download is deleted from the cache. Only the official checkpoints'
+    names are read as ``name-<sha256 prefix>.pth``."""
+    folder, base = http_folder
+    cache = hub_dir / "checkpoints"
+    model = scconv.scnet50(num_classes=3)
+    # "-0001." looks like a hash prefix: a user's URL is not hash-checked.
+    torch.save(model.state_dict(), folder / "weights-0001.pth")
+    loaded = scconv.scnet50(num_classes=3, weights=f"{base}/weights-0001.pth")
+    assert torch.equal(loaded.fc.weight, model.fc.weight)
+    assert (cache / "weights-0001.pth").is_file()
+
+    marker = tmp_path / "code-ran"
+    torch.save({"fc.weight": _RunsCode(marker)}, folder / "evil.pth")
+    (folder / "page.pth").write_text("<html>not found</html>")
+    for file, reason in (("evil.pth", "it holds Python objects that weights-only loading refuses"),
+                         ("page.pth", "not a file written by torch.save")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"{file}.*not a readable torch checkpoint: {reason}"):
+            scconv.scnet50(num_classes=3, weights=f"{base}/{file}")
+        assert not (cache / file).exists()
+    assert not marker.exists()
+
+    # An official checkpoint whose content does not match the hash in its name.
+    torch.save(model.state_dict(), folder / "scnet50-00000000.pth")
+    monkeypatch.setitem(scconv.models.OFFICIAL_URLS, "scnet50", f"{base}/scnet50-00000000.pth")
+    with pytest.raises(ValueError, match=r"checkpoint of scnet50 from http://\S+ is corrupt"):
+        scconv.scnet50(num_classes=3, weights="official")
+    assert sorted(p.name for p in cache.iterdir()) == ["weights-0001.pth"]
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol 4")  # torch's, on plain.pth
 def test_bad_checkpoint_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         scconv.scnet50(weights=str(tmp_path / "nope.pth"))
@@ -231,10 +309,21 @@ def test_bad_checkpoint_files(tmp_path):
     truncated.write_bytes(truncated.read_bytes()[:100])
     pickled_object = tmp_path / "object.pth"
     torch.save({"w": _NotATensor()}, pickled_object)
+    plain_pickle = tmp_path / "plain.pth"
+    plain_pickle.write_bytes(pickle.dumps({"w": [1.0]}, protocol=4))
+    zeroed = tmp_path / "zeroed.pth"  # a torch.save archive whose pickle was overwritten
+    torch.save({"w": torch.ones(8)}, zeroed)
+    with zipfile.ZipFile(zeroed) as archive:
+        members = [(info, archive.read(info)) for info in archive.infolist()]
+    with zipfile.ZipFile(zeroed, "w") as archive:
+        for info, data in members:
+            archive.writestr(info, bytes(len(data)) if info.filename.endswith("data.pkl") else data)
     for path, reason in [
         (empty, "the file is empty"),
         (truncated, "a damaged or truncated torch.save archive"),
         (pickled_object, "it holds Python objects that weights-only loading refuses.*_NotATensor"),
+        (plain_pickle, "a pickle of protocol 4, not a file written by torch.save"),
+        (zeroed, r"its pickled data is damaged \(Unsupported operand 0\)"),
     ]:
         with pytest.raises(ValueError, match=f"not a readable torch checkpoint: {reason}") as info:
             scconv.scnet50(weights=str(path))
