@@ -30,6 +30,23 @@ class DataError(ValueError):
     """The dataset folder is not usable; the message says why and is meant for the user."""
 
 
+def user_message(error: DataError) -> str:
+    """The message of ``error`` as it was raised: a ``DataLoader`` worker's error reaches the
+    main process as a new ``DataError`` whose message adds the worker's traceback."""
+    text = str(error).rstrip()
+    marker = f"{DataError.__module__}.{DataError.__name__}: "
+    return text.rsplit(marker, 1)[1] if marker in text else text
+
+
+def load_image(path: str):
+    """torchvision's default image loader (RGB), with a ``DataError`` naming a file it cannot
+    decode (empty, truncated or not an image) instead of PIL's bare exception."""
+    try:
+        return datasets.folder.default_loader(path)
+    except OSError as error:  # PIL.UnidentifiedImageError and truncated files are OSErrors
+        raise DataError(f"cannot read image {path!r}: {error}") from None
+
+
 def val_resize_size(image_size: int) -> int:
     """Shorter-side size that validation resizes to before the centre crop of ``image_size``."""
     return int(image_size / CENTER_CROP_FRACTION)
@@ -115,10 +132,12 @@ def check_image_folders(root: str, evaluate: bool, num_classes: int) -> list[str
 
 def image_folder_datasets(root: str, image_size: int, evaluate: bool):
     """``(train, val)`` ImageFolders with the ImageNet transforms; ``train`` is None for -e."""
-    val = datasets.ImageFolder(os.path.join(root, "val"), val_transform(image_size))
-    train = None
-    if not evaluate:
-        train = datasets.ImageFolder(os.path.join(root, "train"), train_transform(image_size))
+
+    def folder(split, transform):
+        return datasets.ImageFolder(os.path.join(root, split), transform, loader=load_image)
+
+    val = folder("val", val_transform(image_size))
+    train = None if evaluate else folder("train", train_transform(image_size))
     return train, val
 
 

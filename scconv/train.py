@@ -266,6 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="folder for checkpoints, metrics.jsonl and train.log (default: runs/ARCH)",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in an --output that holds another run, deleting its files "
+        "(without it, such a folder is refused; --resume continues a run there)",
+    )
     return p
 
 
@@ -445,6 +451,31 @@ def make_output_folder(path: str) -> None:
     except OSError as error:
         message = f"--output {path!r}: cannot create the folder ({error.strerror})"
         raise UsageError(message) from None
+
+
+RUN_FILES = (CHECKPOINT_NAME, BEST_NAME, METRICS_NAME, LOG_NAME)
+
+
+def claim_output_folder(args: argparse.Namespace) -> None:
+    """Make ``--output`` and make sure a new run does not mix with an earlier one there.
+
+    A run that does not ``--resume`` refuses a folder holding another run's files (its
+    metrics would be emptied and its model_best.pth kept beside the new checkpoint), unless
+    ``--overwrite`` is given: then they are deleted first."""
+    make_output_folder(args.output)
+    if args.resume:
+        return
+    found = [name for name in RUN_FILES if os.path.lexists(os.path.join(args.output, name))]
+    if not found:
+        return
+    if not args.overwrite:
+        raise UsageError(
+            f"--output {args.output!r} holds another run ({', '.join(found)}): continue it with "
+            f"--resume {os.path.join(args.output, CHECKPOINT_NAME)}, choose another --output, "
+            "or pass --overwrite to delete those files and start over"
+        )
+    for name in found:
+        os.remove(os.path.join(args.output, name))
 
 
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict | None:
@@ -1089,7 +1120,8 @@ def _run(args, launch: Launch, rank: int, device: torch.device, checkpoint) -> N
             for buffer in model.buffers():
                 dist.broadcast(buffer, 0)
         val = validate(val_loader, compiled, criterion, ctx)
-        # The first epoch of a run always writes model_best.pth, even at 0 % top-1.
+        # The first epoch of a run always writes model_best.pth, even at 0 % top-1 (a new run
+        # starts in a folder without one: claim_output_folder).
         is_best = val["acc1"] > best_acc1 or not os.path.exists(
             os.path.join(args.output, BEST_NAME)
         )
@@ -1143,6 +1175,9 @@ def _spawned(local_index: int, args: argparse.Namespace, launch: Launch) -> None
     """Entry point of a --multiprocessing-distributed process: bad input exits with status 2."""
     try:
         run(local_index, args, launch)
+    except scdata.DataError as error:
+        print(f"{PROG}: error: {scdata.user_message(error)}", file=sys.stderr, flush=True)
+        sys.exit(2)
     except (UsageError, NonFiniteLoss) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr, flush=True)
         sys.exit(2 if isinstance(error, UsageError) else 1)
@@ -1156,7 +1191,7 @@ def main(argv: list[str] | None = None) -> None:
         launch = plan_launch(args)
         check_model_fits(args, launch)
         if not args.evaluate and launch.rank == 0:  # this node runs rank 0, which writes there
-            make_output_folder(args.output)
+            claim_output_folder(args)
     except UsageError as error:
         parser.error(str(error))
 
@@ -1165,6 +1200,8 @@ def main(argv: list[str] | None = None) -> None:
             run(0, args, launch, checkpoint)
         except UsageError as error:
             parser.error(str(error))
+        except scdata.DataError as error:  # an image that cannot be read, met while running
+            parser.error(scdata.user_message(error))
         except NonFiniteLoss as error:
             sys.exit(f"{PROG}: error: {error}")
         return

@@ -10,6 +10,7 @@ import json
 import os
 import random
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -481,6 +482,46 @@ def test_a_training_set_too_small_for_one_batch_is_refused(tmp_path, capsys, mon
         "the training set gives each process 1 image, but a training batch of scnet50 needs "
         "at least 2" in capsys.readouterr().err
     )
+
+
+def test_a_new_run_refuses_a_folder_holding_another(two_classes, tmp_path, capsys, monkeypatch):
+    """Without --resume, an --output holding another run is refused (before, the new run emptied
+    its metrics.jsonl and kept its model_best.pth beside the new checkpoint); --overwrite deletes
+    the earlier run's files and starts over."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("metrics.jsonl", "model_best.pth", "notes.txt"):
+        (out / name).write_text("earlier run")
+    argv = [str(two_classes), *map(str, SMALL_RUN), "--epochs", "0", "--output", str(out)]
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(argv)
+    assert exit_info.value.code == 2
+    assert (
+        f"--output {str(out)!r} holds another run (model_best.pth, metrics.jsonl): continue it "
+        f"with --resume {out / 'checkpoint.pth'}, choose another --output, or pass --overwrite"
+    ) in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_text() == "earlier run"
+    train.main([*argv, "--overwrite"])
+    assert "nothing to train" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "notes.txt", "train.log"]
+    assert (out / "metrics.jsonl").read_text() == ""  # the new run's (no epoch yet)
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])  # read in this process, or in a worker's
+def test_an_unreadable_image_is_named(two_classes, tmp_path, capsys, monkeypatch, workers):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    data = tmp_path / "data"
+    shutil.copytree(two_classes, data)
+    broken = data / "val" / "red_rows" / "broken.jpg"
+    broken.touch()  # passes the folder checks (an image name), but PIL cannot decode it
+    argv = [str(data), "-e", "--image-size", IMAGE_SIZE, "-j", workers, "-b", "4"]
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*argv, "--num-classes", "2"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"scconv-train: error: cannot read image {str(broken)!r}: cannot identify image" in err
+    assert "Traceback" not in err
 
 
 def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
