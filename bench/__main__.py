@@ -40,7 +40,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import REPO_ROOT, TRACE_FILES, log, write_text
+from bench.common import (
+    REPO_ROOT,
+    TRACE_FILES,
+    csv_choices,
+    log,
+    output_folder,
+    positive_float,
+    positive_int,
+    seconds_left,
+    write_text,
+)
 
 
 @dataclass
@@ -102,6 +112,13 @@ OUTPUTS = {
     "models": ("models.csv", "models_skipped.csv", "breakdown.csv", "aten_ops.csv",
                "bytes_moved.csv", "model_summary.csv", *TRACE_FILES),
 }  # fmt: skip
+
+
+def stage_names() -> tuple[str, ...]:
+    """Every stage name of any mode (GPU, CPU, dry run): what ``--skip`` accepts."""
+    modes = ((True, False), (False, False), (False, True))
+    names = [stage.name for gpu, dry in modes for stage in plan(Path("."), gpu, dry)]
+    return tuple(dict.fromkeys(names))
 
 
 def plan(out: Path, gpu: bool, dry_run: bool, tests_s: float = DEFAULT_TESTS_S) -> list[Stage]:
@@ -312,18 +329,20 @@ def main(argv=None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--out", required=True, help="output directory for CSVs, PNGs, summary")
+    parser.add_argument(
+        "--out", required=True, type=output_folder, help="output directory for CSVs, PNGs, summary"
+    )
     parser.add_argument("--dry-run", action="store_true", help="tiny inputs on the CPU")
     parser.add_argument(
         "--budget-s",
-        type=float,
+        type=positive_float,
         default=None,
         help="wall-clock seconds for the measuring stages (default: 480 on the CPU, none on a "
         "GPU; bench/gpu.sh passes its own); stages skip what no longer fits",
     )
     parser.add_argument(
         "--deadline-s",
-        type=float,
+        type=positive_float,
         default=None,
         help="hard wall-clock limit in seconds from the start (default: none; bench/gpu.sh "
         "passes one): a stage still running then is stopped, keeping the rows it wrote, later "
@@ -331,25 +350,27 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--tests-s",
-        type=float,
+        type=seconds_left,
         default=DEFAULT_TESTS_S,
         help=f"the longest the tests stage (GPU and --dry-run only) may run (default "
         f"{DEFAULT_TESTS_S:.0f}; 0: no tests stage); a cap of its own, not a share of the "
         "budget, but its time comes out of the budget of the stages after it",
     )
-    parser.add_argument("--skip", default="", help="comma-separated stage names to leave out")
+    names = stage_names()
+    parser.add_argument(
+        "--skip",
+        type=csv_choices(names),
+        default=(),
+        help=f"comma-separated stage names to leave out: {','.join(names)}",
+    )
     parser.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         default=None,
         help="CPU mode: torch threads per stage (default 1, or $OMP_NUM_THREADS if set)",
     )
     args = parser.parse_args(argv)
     start = time.monotonic()
-    if args.deadline_s is not None and args.deadline_s <= 0:
-        parser.error(f"--deadline-s must be positive, got {args.deadline_s}")
-    if args.tests_s < 0:
-        parser.error(f"--tests-s must be 0 or more, got {args.tests_s}")
     deadline = None if args.deadline_s is None else start + args.deadline_s
 
     out = Path(args.out).resolve()
@@ -378,7 +399,7 @@ def main(argv=None) -> int:
     budget_s = args.budget_s
     if budget_s is None and not gpu and not args.dry_run:
         budget_s = 480.0
-    skip = {name for name in args.skip.split(",") if name}
+    skip = set(args.skip)
     stages = [s for s in plan(out, gpu, args.dry_run, args.tests_s) if s.name not in skip]
 
     mode = "dry run (CPU, tiny inputs)" if args.dry_run else ("GPU" if gpu else "CPU mode")

@@ -29,6 +29,8 @@ from bench.common import (
     log,
     memory_format_from_name,
     metadata,
+    output_folder,
+    seconds_left,
 )
 from bench.gating import GATING_SHAPES, LAYOUTS, GatingShape, make_inputs
 from kernels.reference import nearest_source_index, sc_gate_reference
@@ -138,9 +140,11 @@ def run(
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.check", description=__doc__)
-    parser.add_argument("--out", default=None, help="output directory (default bench/results/..)")
+    parser.add_argument(
+        "--out", type=output_folder, help="output directory (default bench/results/..)"
+    )
     parser.add_argument("--quick", action="store_true", help="only the first shape (dry runs)")
-    parser.add_argument("--budget-s", type=float, default=None, help="skip shapes past this")
+    parser.add_argument("--budget-s", type=seconds_left, help="skip shapes past this")
     args = parser.parse_args(argv)
     device = default_device()
     out = Path(args.out) if args.out else default_out_dir(device)

@@ -15,6 +15,7 @@ caller before triton is first imported.
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import functools
 import math
@@ -149,6 +150,86 @@ def check_columns(name: str, columns: Iterable[str]) -> None:
 def csv_list(text: str) -> tuple[str, ...]:
     """A command-line list: ``"a,b,,c"`` -> ``("a", "b", "c")``."""
     return tuple(item for item in text.split(",") if item)
+
+
+# argparse types: a bad value is a usage error naming the option ("python -m bench.models:
+# error: argument --models: unknown value(s) foo; valid: ..."), not a traceback mid-run.
+def csv_choices(valid: Iterable[str]) -> Callable[[str], tuple[str, ...]]:
+    """An argparse type: a comma-separated list of at least one of ``valid``."""
+    valid = tuple(valid)
+
+    def parse(text: str) -> tuple[str, ...]:
+        items = csv_list(text)
+        bad = [item for item in items if item not in valid]
+        if bad or not items:
+            shown = f"unknown value(s) {', '.join(bad)}" if bad else "an empty list"
+            raise argparse.ArgumentTypeError(f"{shown}; valid: {', '.join(valid)}")
+        return items
+
+    return parse
+
+
+def positive_ints(text: str) -> tuple[int, ...]:
+    """An argparse type: a comma-separated list of at least one whole number >= 1."""
+    try:
+        values = tuple(int(item) for item in csv_list(text))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected whole numbers >= 1, got {text!r}")
+    return values
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: one whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def _finite_float(text: str, lowest: float, inclusive: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and (value >= lowest if inclusive else value > lowest)):
+        bound = f"{'>=' if inclusive else '>'} {lowest:g}"
+        raise argparse.ArgumentTypeError(f"expected a number {bound}, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    return _finite_float(text, 0.0, inclusive=False)
+
+
+def seconds_left(text: str) -> float:
+    """An argparse type for budgets: a finite number of seconds >= 0 (``python -m bench``
+    passes a stage 0 when its budget is spent; the stage then skips what it cannot fit)."""
+    return _finite_float(text, 0.0, inclusive=True)
+
+
+def output_folder(text: str) -> str:
+    """An argparse type: a folder to write into, or a path where one can be made (no file)."""
+    path = Path(text)
+    for existing in (path, *path.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                where = "" if existing == path else f" ({existing} is a file)"
+                raise argparse.ArgumentTypeError(f"{text!r} cannot be a folder{where}")
+            break
+    return text
+
+
+def require_device(device: str) -> str:
+    """``device`` if this machine has it, else ``ValueError`` (``"cuda"`` without a GPU)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: this machine has no CUDA device (PyTorch sees none)")
+    return device
 
 
 LAYOUT_FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}

@@ -29,19 +29,25 @@ import torch
 import torch._functorch.config
 
 from bench.common import (
+    DTYPES,
     Budget,
     Progress,
     ResultWriter,
     copy_bandwidth,
-    csv_list,
+    csv_choices,
     default_device,
     default_out_dir,
     dtype_from_name,
     log,
     memory_format_from_name,
     metadata,
+    output_folder,
+    positive_float,
+    positive_ints,
     raise_failures,
     record_failure,
+    require_device,
+    seconds_left,
     time_fn,
     write_csv,
 )
@@ -201,6 +207,15 @@ def plan(shapes, batches, dtypes, layouts) -> list[tuple[int, str, str, GatingSh
     ]
 
 
+def check_providers(providers, device: str) -> None:
+    """``ValueError`` for a provider this device cannot time."""
+    if "triton" in providers and device != "cuda":
+        raise ValueError(
+            "provider 'triton' on the CPU would time the Triton interpreter, which is not a "
+            "kernel speed; run `python -m bench.check` for the interpreter correctness pass"
+        )
+
+
 def run(
     out_dir: str | Path,
     *,
@@ -232,11 +247,7 @@ def run(
             raise ValueError(f"unknown {name}(s) {bad}; valid: {', '.join(valid)}")
     for name in dtypes:
         dtype_from_name(name)
-    if "triton" in providers and not on_gpu:
-        raise ValueError(
-            "provider 'triton' on the CPU would time the Triton interpreter, which is not a "
-            "kernel speed; run `python -m bench.check` for the interpreter correctness pass"
-        )
+    check_providers(providers, device)
 
     out_dir = Path(out_dir)
     budget = Budget(budget_s)
@@ -301,20 +312,26 @@ def run(
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.gating", description=__doc__)
-    parser.add_argument("--out", default=None, help="output directory (default bench/results/..)")
+    parser.add_argument(
+        "--out", type=output_folder, help="output directory (default bench/results/..)"
+    )
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None)
-    parser.add_argument("--providers", type=csv_list, default=None, help="comma-separated")
-    parser.add_argument("--modes", type=csv_list, default=MODES, help="comma-separated")
-    parser.add_argument("--batches", type=lambda s: tuple(int(v) for v in csv_list(s)))
-    parser.add_argument("--dtypes", type=csv_list, default=None, help="fp32,fp16,bf16")
-    parser.add_argument("--layouts", type=csv_list, default=None, help="nchw,channels_last")
+    parser.add_argument("--providers", type=csv_choices(PROVIDERS), help=",".join(PROVIDERS))
+    parser.add_argument("--modes", type=csv_choices(MODES), default=MODES, help=",".join(MODES))
+    parser.add_argument("--batches", type=positive_ints, help="comma-separated")
+    parser.add_argument("--dtypes", type=csv_choices(DTYPES), help=",".join(DTYPES))
+    parser.add_argument("--layouts", type=csv_choices(LAYOUTS), help=",".join(LAYOUTS))
     parser.add_argument("--tiny", action="store_true", help="one tiny shape (dry runs)")
-    parser.add_argument("--budget-s", type=float, default=None, help="stop after this long")
-    parser.add_argument("--warmup-ms", type=float, default=10)
-    parser.add_argument("--rep-ms", type=float, default=50)
+    parser.add_argument("--budget-s", type=seconds_left, help="stop after this long")
+    parser.add_argument("--warmup-ms", type=seconds_left, default=10)
+    parser.add_argument("--rep-ms", type=positive_float, default=50)
     args = parser.parse_args(argv)
 
-    device = args.device or default_device()
+    try:
+        device = require_device(args.device or default_device())
+        check_providers(args.providers or (), device)
+    except ValueError as error:
+        parser.error(str(error))
     out = Path(args.out) if args.out else default_out_dir(device)
     path = run(
         out,

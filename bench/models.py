@@ -46,16 +46,22 @@ from bench.common import (
     Budget,
     Progress,
     ResultWriter,
-    csv_list,
+    csv_choices,
     default_device,
     default_out_dir,
     dtype_name,
     log,
     memory_format_from_name,
     metadata,
+    output_folder,
     peak_memory_mib,
+    positive_float,
+    positive_int,
+    positive_ints,
     raise_failures,
     record_failure,
+    require_device,
+    seconds_left,
     time_fn,
     trace_name,
     write_csv,
@@ -629,18 +635,10 @@ def _estimate(case: Case, device: str, spent: dict) -> float:
     return _GUESS_S[(device, compiles)]
 
 
-def run(
-    out_dir: str | Path,
-    *,
-    device: str | None = None,
-    budget_s: float | None = None,
-    breakdown: bool = True,
-    rep_ms: float | None = None,
-    **grid,
-) -> Path:
-    """Run the model grid (defaults per device, overridden by ``grid``); write ``models.csv``,
-    ``breakdown.csv``. Returns the path of ``models.csv``."""
-    device = device or default_device()
+def resolve_settings(device: str, grid: dict) -> dict:
+    """The run's settings: ``device``'s defaults overridden by the non-None values of ``grid``.
+    A value outside its choices is a ``ValueError`` naming it (an unknown key a ``TypeError``),
+    raised before anything runs."""
     settings = _defaults(device)
     unknown = set(grid) - set(settings)
     if unknown:
@@ -659,7 +657,44 @@ def run(
             raise ValueError(f"unknown {name} {bad}; valid: {', '.join(valid)}")
     if device != "cuda" and "triton" in settings["gates"]:
         raise ValueError("gate 'triton' on the CPU would time the Triton interpreter; use eager")
+    if not _plan(settings):
+        raise ValueError(
+            f"the grid holds no case: training needs a batch of at least {MIN_TRAIN_BATCH}, "
+            "each regime runs only its tasks ("
+            + ", ".join(f"{r}: {'/'.join(REGIMES[r].tasks)}" for r in settings["regimes"])
+            + "), and compiling regimes run only the compile models and tasks"
+        )
+    return settings
 
+
+def _plan(settings: dict) -> list[Case]:
+    return plan_cases(
+        settings["models"],
+        settings["gates"],
+        settings["regimes"],
+        settings["tasks"],
+        settings["precisions"],
+        settings["layouts"],
+        settings["batches"],
+        settings["image_size"],
+        settings["compile_models"],
+        settings["compile_tasks"],
+    )
+
+
+def run(
+    out_dir: str | Path,
+    *,
+    device: str | None = None,
+    budget_s: float | None = None,
+    breakdown: bool = True,
+    rep_ms: float | None = None,
+    **grid,
+) -> Path:
+    """Run the model grid (defaults per device, overridden by ``grid``); write ``models.csv``,
+    ``breakdown.csv``. Returns the path of ``models.csv``."""
+    device = device or default_device()
+    settings = resolve_settings(device, grid)
     out_dir = Path(out_dir)
     budget = Budget(budget_s)
     meta = metadata(device)
@@ -672,25 +707,7 @@ def run(
         else {"warmup_ms": 0, "rep_ms": rep_ms or 1000, "min_reps": 3, "max_reps": 20}
     )
 
-    cases = plan_cases(
-        settings["models"],
-        settings["gates"],
-        settings["regimes"],
-        settings["tasks"],
-        settings["precisions"],
-        settings["layouts"],
-        settings["batches"],
-        settings["image_size"],
-        settings["compile_models"],
-        settings["compile_tasks"],
-    )
-    if not cases:
-        raise ValueError(
-            f"the grid holds no case: training needs a batch of at least {MIN_TRAIN_BATCH}, "
-            "each regime runs only its tasks ("
-            + ", ".join(f"{r}: {'/'.join(REGIMES[r].tasks)}" for r in settings["regimes"])
-            + "), and compiling regimes run only the compile models and tasks"
-        )
+    cases = _plan(settings)
     writer = ResultWriter(out_dir / "models.csv", meta, transform=add_ratio_columns)
     progress = Progress("models", len(cases) + (1 if breakdown else 0))
     spent: dict = {}
@@ -846,39 +863,37 @@ def write_model_summary(out_dir: str | Path, names=None, image_size: int = 224) 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.models", description=__doc__)
-    parser.add_argument("--out", default=None, help="output directory (default bench/results/..)")
-    parser.add_argument("--device", choices=("cuda", "cpu"), default=None)
-    parser.add_argument("--models", type=csv_list, help=f"comma-separated: {','.join(MODELS)}")
-    parser.add_argument("--gates", type=csv_list, help="eager,triton")
-    parser.add_argument("--regimes", type=csv_list, help=",".join(REGIMES))
-    parser.add_argument("--tasks", type=csv_list, help="inference,train")
-    parser.add_argument("--precisions", type=csv_list, help=",".join(PRECISIONS))
-    parser.add_argument("--layouts", type=csv_list, help="nchw,channels_last")
-    parser.add_argument("--batches", type=lambda s: tuple(int(v) for v in csv_list(s)))
-    parser.add_argument("--image-size", type=int)
     parser.add_argument(
-        "--compile-models", type=csv_list, help="models run in compiling regimes ('all': every)"
+        "--out", type=output_folder, help="output directory (default bench/results/..)"
     )
-    parser.add_argument("--compile-tasks", type=csv_list, help="tasks run in compiling regimes")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default=None)
+    models = tuple(BASELINES)
+    parser.add_argument("--models", type=csv_choices(models), help=",".join(models))
+    parser.add_argument("--gates", type=csv_choices(GATES), help=",".join(GATES))
+    parser.add_argument("--regimes", type=csv_choices(REGIMES), help=",".join(REGIMES))
+    parser.add_argument("--tasks", type=csv_choices(TASKS), help=",".join(TASKS))
+    parser.add_argument("--precisions", type=csv_choices(PRECISIONS), help=",".join(PRECISIONS))
+    parser.add_argument("--layouts", type=csv_choices(LAYOUTS), help=",".join(LAYOUTS))
+    parser.add_argument("--batches", type=positive_ints, help="comma-separated")
+    parser.add_argument("--image-size", type=positive_int)
+    parser.add_argument(
+        "--compile-models",
+        type=csv_choices((*models, "all")),
+        help="models run in compiling regimes ('all': every)",
+    )
+    parser.add_argument(
+        "--compile-tasks", type=csv_choices(TASKS), help="tasks run in compiling regimes"
+    )
     parser.add_argument("--no-breakdown", action="store_true")
     parser.add_argument("--summary", action="store_true", help="also write model_summary.csv")
-    parser.add_argument("--budget-s", type=float, default=None, help="skip cases past this")
-    parser.add_argument("--rep-ms", type=float, default=None, help="timed span per case")
+    parser.add_argument("--budget-s", type=seconds_left, help="skip cases past this")
+    parser.add_argument("--rep-ms", type=positive_float, help="timed span per case")
     args = parser.parse_args(argv)
 
-    device = args.device or default_device()
-    out = Path(args.out) if args.out else default_out_dir(device)
     compile_models = args.compile_models
-    if compile_models == ("all",):
+    if compile_models is not None and "all" in compile_models:
         compile_models = MODELS
-    if args.summary:
-        write_model_summary(out, args.models)
-    path = run(
-        out,
-        device=device,
-        budget_s=args.budget_s,
-        breakdown=not args.no_breakdown,
-        rep_ms=args.rep_ms,
+    grid = dict(
         models=args.models,
         gates=args.gates,
         regimes=args.regimes,
@@ -889,6 +904,22 @@ def main(argv=None) -> None:
         image_size=args.image_size,
         compile_models=compile_models,
         compile_tasks=args.compile_tasks,
+    )
+    try:
+        device = require_device(args.device or default_device())
+        resolve_settings(device, grid)  # the checks run() makes first, as usage errors here
+    except ValueError as error:
+        parser.error(str(error))
+    out = Path(args.out) if args.out else default_out_dir(device)
+    if args.summary:
+        write_model_summary(out, args.models)
+    path = run(
+        out,
+        device=device,
+        budget_s=args.budget_s,
+        breakdown=not args.no_breakdown,
+        rep_ms=args.rep_ms,
+        **grid,
     )
     print(f"wrote {path}")
 

@@ -46,7 +46,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import scconv
-from bench.common import DTYPES, dtype_from_name, memory_format_from_name
+from bench.common import DTYPES, dtype_from_name, memory_format_from_name, require_device
 from scconv.inference import optimize_for_inference
 from scconv.models import InputTooSmallError
 
@@ -292,6 +292,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=1, help="batch size")
     parser.add_argument(
         "--device",
+        choices=("meta", "cpu", "cuda"),
         default="meta",
         help="meta (default: shapes only, instant), cpu or cuda; counts are the same",
     )
@@ -315,6 +316,10 @@ def main(argv=None) -> None:
         parser.error("--size and --batch must be positive")
     if not args.bytes and (args.dtype or args.channels_last):
         parser.error("--dtype and --channels-last go with --bytes")
+    try:
+        require_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
     if args.bytes and args.device != "meta":
         parser.error("--bytes counts on the meta device only (bytes depend on shapes alone)")
     traffic = {

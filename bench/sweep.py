@@ -29,17 +29,22 @@ from pathlib import Path
 import torch
 
 from bench.common import (
+    DTYPES,
     TOLERANCES,
     Budget,
     Progress,
     ResultWriter,
-    csv_list,
+    csv_choices,
     default_device,
     default_out_dir,
     dtype_from_name,
     log,
     memory_format_from_name,
     metadata,
+    output_folder,
+    positive_int,
+    positive_ints,
+    seconds_left,
     time_fn,
 )
 from bench.gating import (
@@ -272,21 +277,28 @@ def run(
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.sweep", description=__doc__)
-    parser.add_argument("--out", default=None, help="output directory (default bench/results/..)")
+    parser.add_argument(
+        "--out", type=output_folder, help="output directory (default bench/results/..)"
+    )
     parser.add_argument("--table", default=None, help="winners table (default: kernels' own)")
-    parser.add_argument("--kernels", type=csv_list, default=("forward", "backward"))
-    parser.add_argument("--batches", type=lambda s: tuple(int(v) for v in csv_list(s)))
-    parser.add_argument("--dtypes", type=csv_list, default=None, help="fp32,fp16,bf16")
-    parser.add_argument("--layouts", type=csv_list, default=None, help="nchw,channels_last")
+    parser.add_argument(
+        "--kernels",
+        type=csv_choices(KERNEL_MODES),
+        default=tuple(KERNEL_MODES),
+        help=",".join(KERNEL_MODES),
+    )
+    parser.add_argument("--batches", type=positive_ints, help="comma-separated")
+    parser.add_argument("--dtypes", type=csv_choices(DTYPES), help=",".join(DTYPES))
+    parser.add_argument("--layouts", type=csv_choices(SWEEP_LAYOUTS), help=",".join(SWEEP_LAYOUTS))
     parser.add_argument(
         "--all-configs",
         action="store_true",
         help="time the whole search space on every case (default: the layout's family only, "
         "what the run-time autotuner would time)",
     )
-    parser.add_argument("--max-configs", type=int, default=None, help="first N configs only")
+    parser.add_argument("--max-configs", type=positive_int, help="first N configs only")
     parser.add_argument("--tiny", action="store_true", help="one tiny shape (CPU dry runs)")
-    parser.add_argument("--budget-s", type=float, default=None, help="stop after this long")
+    parser.add_argument("--budget-s", type=seconds_left, help="stop after this long")
     args = parser.parse_args(argv)
 
     device = default_device()

@@ -664,6 +664,55 @@ def test_models_refuse_bad_grids(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize(
+    "module, argv, message",
+    [
+        ("models", ["--models", "vgg16"], "argument --models: unknown value(s) vgg16; valid:"),
+        ("models", ["--batches", "2,0"], "argument --batches: expected whole numbers >= 1"),
+        ("models", ["--gates", "triton"], "gate 'triton' on the CPU would time the Triton"),
+        ("models", ["--tasks", "train", "--batches", "1"], "the grid holds no case"),
+        ("models", ["--budget-s", "-5"], "argument --budget-s: expected a number >= 0"),
+        ("models", ["--device", "cuda"], "--device cuda: this machine has no CUDA device"),
+        ("gating", ["--dtypes", "fp64"], "argument --dtypes: unknown value(s) fp64"),
+        ("gating", ["--providers", "triton"], "provider 'triton' on the CPU"),
+        ("gating", ["--rep-ms", "0"], "argument --rep-ms: expected a number > 0"),
+        ("sweep", ["--kernels", "fwd"], "argument --kernels: unknown value(s) fwd"),
+        ("sweep", ["--max-configs", "0"], "argument --max-configs: expected a whole number >= 1"),
+        ("check", ["--out", "{file}"], "argument --out: '{file}' cannot be a folder"),
+        ("check", ["--out", "{file}/sub"], "cannot be a folder ({file} is a file)"),
+        ("opcount", ["--device", "cuda"], "--device cuda: this machine has no CUDA device"),
+        ("__main__", ["--out", "{dir}", "--skip", "model"], "argument --skip: unknown value(s)"),
+        ("__main__", ["--out", "{dir}", "--threads", "0"], "argument --threads: expected a"),
+        ("__main__", ["--out", "{file}"], "argument --out: '{file}' cannot be a folder"),
+    ],
+)
+def test_bench_command_lines_refuse_bad_values(tmp_path, capsys, monkeypatch, module, argv, message):
+    """A bad value is a usage error naming the option (exit 2), before anything runs, not a
+    traceback from inside the run."""
+    import importlib
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    file = tmp_path / "a-file"
+    file.write_text("")
+    paths = {"file": str(file), "dir": str(tmp_path / "out")}
+    argv = [a.format(**paths) for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(f"bench.{module}").main(argv)
+    assert exit_info.value.code == 2
+    assert message.format(**paths) in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # nothing written
+
+
+def test_stage_budgets_may_be_zero():
+    """python -m bench passes a stage --budget-s 0 once the budget is spent: the stage must take
+    it (and skip what it cannot fit), not refuse it."""
+    assert common.seconds_left("0") == 0.0
+    for text in ("-1", "nan", "inf", "soon"):
+        with pytest.raises(Exception, match="expected a number >= 0"):
+            common.seconds_left(text)
+    assert common.positive_ints("256,32,,1") == (256, 32, 1)
+
+
 def test_breakdown_attributes_gating_cat_and_backward_by_sequence_number(tmp_path, one_thread):
     import torchvision
 
