@@ -13,6 +13,7 @@ example: ``RandomResizedCrop(size) + RandomHorizontalFlip`` for training, ``Resi
 import os
 
 import torch
+from PIL import Image
 from torch.utils.data import Sampler
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -43,8 +44,11 @@ def load_image(path: str):
     decode (empty, truncated or not an image) instead of PIL's bare exception."""
     try:
         return datasets.folder.default_loader(path)
-    except OSError as error:  # PIL.UnidentifiedImageError and truncated files are OSErrors
-        raise DataError(f"cannot read image {path!r}: {error}") from None
+    # PIL reports broken files as OSError (UnidentifiedImageError, truncated data), SyntaxError
+    # ("broken PNG file"), ValueError, EOFError, or a DecompressionBombError for a header that
+    # claims a huge size.
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
+        raise DataError(f"cannot read image {path!r}: {type(error).__name__}: {error}") from None
 
 
 def val_resize_size(image_size: int) -> int:

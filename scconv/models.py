@@ -1,5 +1,7 @@
 """SCNet models (official parameter names), the ResNet baselines, and checkpoint loading."""
 
+import contextlib
+import hashlib
 import os
 import pickle
 import re
@@ -266,7 +268,7 @@ def unreadable_checkpoint_reason(path: str, error: Exception) -> str:
     if not zipfile.is_zipfile(path):
         if head == b"PK":
             return "a damaged or truncated torch.save archive (no zip central directory)"
-        if head[:1] == b"\x80" and head != b"\x80\x02":
+        if len(head) == 2 and head[:1] == b"\x80" and head != b"\x80\x02":
             # torch.save writes a zip archive, or (legacy format) pickles of protocol 2.
             return f"a pickle of protocol {head[1]}, not a file written by torch.save"
         if head[:1] != b"\x80":
@@ -282,7 +284,10 @@ def unreadable_checkpoint_reason(path: str, error: Exception) -> str:
         detail = re.search(r"WeightsUnpickler error:\s*([^\n]*\S)", str(error))
         return "its pickled data is damaged" + (f" ({detail[1]})" if detail else "")
     first_line = str(error).split("\n", 1)[0]
-    return f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
+    detail = f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
+    if not zipfile.is_zipfile(path):  # torch.save's legacy format, which ends early or is broken
+        return f"a damaged or truncated torch.save file of the legacy format ({detail})"
+    return detail
 
 
 def _load_checkpoint_file(path: str, shown_as: str):
@@ -295,19 +300,33 @@ def _load_checkpoint_file(path: str, shown_as: str):
         raise ValueError(f"{shown_as} is not a readable torch checkpoint: {reason}") from error
 
 
-def _download_checkpoint(url: str, name: str, check_hash: bool) -> str:
+# The official files' names hold the first hex digits of their SHA-256 ("scnet50-dc6a7e87.pth").
+_OFFICIAL_FILE_NAMES = frozenset(os.path.basename(url) for url in OFFICIAL_URLS.values())
+
+
+def _download_checkpoint(url: str, name: str) -> str:
     """The local copy of ``url`` in torch hub's checkpoint cache, downloaded if absent (torch
     downloads to a temporary file and renames it: no half-written file is left in the cache).
-    ``check_hash``: the file name holds the first hex digits of its SHA-256
-    (``name-<sha256>.pth``, as the official checkpoints do), checked on download."""
+
+    A file named like an official checkpoint, from any host, is checked against the SHA-256
+    prefix in its name when it is downloaded, and cached under that name (as torchvision
+    caches its weights). Any other URL is cached under a name that holds a digest of the whole
+    URL, so two URLs ending in the same file name (``.../model.pth``) never share a copy.
+    """
+    file_name = os.path.basename(urllib.parse.urlparse(url).path)
+    if not file_name:
+        raise ValueError(f"the URL {url!r} names no file (its path ends in '/' or is empty)")
+    official = file_name in _OFFICIAL_FILE_NAMES
+    if not official:
+        file_name = f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{file_name}"
     cache = os.path.join(torch.hub.get_dir(), "checkpoints")
     os.makedirs(cache, exist_ok=True)
-    path = os.path.join(cache, os.path.basename(urllib.parse.urlparse(url).path))
+    path = os.path.join(cache, file_name)
     if os.path.exists(path):
         return path
-    match = torch.hub.HASH_REGEX.search(os.path.basename(path)) if check_hash else None
+    hash_prefix = torch.hub.HASH_REGEX.search(file_name)[1] if official else None
     try:
-        torch.hub.download_url_to_file(url, path, match[1] if match else None, progress=False)
+        torch.hub.download_url_to_file(url, path, hash_prefix, progress=False)
     except urllib.error.URLError as error:  # no network, DNS, HTTP status: not a cache error
         reason = error if isinstance(error, urllib.error.HTTPError) else error.reason
         raise OSError(f"cannot download the checkpoint of {name} from {url}: {reason}") from error
@@ -324,11 +343,14 @@ def _read_checkpoint(source: str | os.PathLike, name: str):
             )
         source = OFFICIAL_URLS[name]
     if source.startswith(("http://", "https://")):
-        path = _download_checkpoint(source, name, check_hash=source in OFFICIAL_URLS.values())
+        path = _download_checkpoint(source, name)
         try:
             return _load_checkpoint_file(path, f"{source!r} (downloaded to {path!r})")
         except ValueError as error:
-            os.remove(path)  # a later call downloads again rather than reading the bad copy
+            # A later call downloads again rather than reading the bad copy (which another
+            # process may have deleted already).
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
             raise ValueError(f"{error}; the downloaded copy was deleted") from error.__cause__
     if os.path.isdir(source):
         raise IsADirectoryError(f"checkpoint {source!r} is a directory, not a checkpoint file")

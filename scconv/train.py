@@ -459,12 +459,13 @@ RUN_FILES = (CHECKPOINT_NAME, BEST_NAME, METRICS_NAME, LOG_NAME)
 def claim_output_folder(args: argparse.Namespace) -> None:
     """Make ``--output`` and make sure a new run does not mix with an earlier one there.
 
-    A run that does not ``--resume`` refuses a folder holding another run's files (its
-    metrics would be emptied and its model_best.pth kept beside the new checkpoint), unless
-    ``--overwrite`` is given: then they are deleted first."""
+    A run refuses a folder holding another run's files (its metrics would be emptied or mixed
+    with the new ones, and its model_best.pth kept beside the new checkpoint) unless it resumes
+    the checkpoint of that folder, or ``--overwrite`` is given: then they are deleted first."""
     make_output_folder(args.output)
-    if args.resume:
-        return
+    resumed_folder = os.path.dirname(os.path.abspath(args.resume)) if args.resume else None
+    if resumed_folder and os.path.samefile(resumed_folder, args.output):
+        return  # continuing the run that is there
     found = [name for name in RUN_FILES if os.path.lexists(os.path.join(args.output, name))]
     if not found:
         return
@@ -475,7 +476,11 @@ def claim_output_folder(args: argparse.Namespace) -> None:
             "or pass --overwrite to delete those files and start over"
         )
     for name in found:
-        os.remove(os.path.join(args.output, name))
+        path = os.path.join(args.output, name)
+        try:
+            os.remove(path)
+        except OSError as error:
+            raise UsageError(f"--overwrite: cannot delete {path!r} ({error.strerror})") from None
 
 
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict | None:

@@ -686,7 +686,7 @@ def test_models_refuse_bad_grids(tmp_path):
         ("__main__", ["--out", "{file}"], "argument --out: '{file}' cannot be a folder"),
     ],
 )
-def test_bench_command_lines_refuse_bad_values(tmp_path, capsys, monkeypatch, module, argv, message):
+def test_bench_clis_refuse_bad_values(tmp_path, capsys, monkeypatch, module, argv, message):
     """A bad value is a usage error naming the option (exit 2), before anything runs, not a
     traceback from inside the run."""
     import importlib
@@ -703,14 +703,35 @@ def test_bench_command_lines_refuse_bad_values(tmp_path, capsys, monkeypatch, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # nothing written
 
 
-def test_stage_budgets_may_be_zero():
-    """python -m bench passes a stage --budget-s 0 once the budget is spent: the stage must take
-    it (and skip what it cannot fit), not refuse it."""
-    assert common.seconds_left("0") == 0.0
+@pytest.mark.parametrize("gpu, dry_run", [(True, False), (False, False), (False, True)])
+def test_every_stage_takes_the_arguments_bench_gives_it(tmp_path, monkeypatch, gpu, dry_run):
+    """Each bench stage python -m bench plans (GPU, CPU, dry run) parses its arguments, with a
+    spent budget of 0 seconds (what a stage gets once the budget is gone): a refusal there would
+    fail the one GPU run a session gets."""
+    import importlib
+
+    from bench import __main__ as orchestrator
+
+    class Parsed(Exception):
+        pass
+
+    def parsed(*args, **kwargs):
+        raise Parsed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(models, "write_model_summary", parsed)
+    planned = orchestrator.plan(tmp_path, gpu, dry_run)
+    stages = [s for s in planned if s.args[0].startswith("bench.")]
+    assert {s.name for s in stages} >= {"check", "gating", "models"}
+    for stage in stages:
+        module = importlib.import_module(stage.args[0])
+        monkeypatch.setattr(module, "run", parsed)
+        budget = ["--budget-s", "0"] if stage.share else []
+        with pytest.raises(Parsed):
+            module.main([*stage.args[1:], *budget])
     for text in ("-1", "nan", "inf", "soon"):
         with pytest.raises(Exception, match="expected a number >= 0"):
             common.seconds_left(text)
-    assert common.positive_ints("256,32,,1") == (256, 32, 1)
 
 
 def test_breakdown_attributes_gating_cat_and_backward_by_sequence_number(tmp_path, one_thread):

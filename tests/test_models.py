@@ -219,7 +219,6 @@ def test_official_weights_without_network_name_the_url(monkeypatch, hub_dir):
     monkeypatch.setattr(torch.hub, "download_url_to_file", gone)
     with pytest.raises(OSError, match=r"from https://\S+: HTTP Error 404: Not Found"):
         scconv.scnet50(weights="official")
-    assert not list((hub_dir / "checkpoints").iterdir())  # nothing half-written is cached
 
 
 class _RunsCode:
@@ -257,19 +256,23 @@ def http_folder(tmp_path):
         server.server_close()
 
 
-def test_weights_from_a_url_load_like_a_file(http_folder, hub_dir, tmp_path, monkeypatch):
+def test_weights_from_a_url_load_like_a_file(http_folder, hub_dir, tmp_path):
     """A URL is downloaded into the hub cache and read weights-only, as a path is: a file that
     would run code is refused (and the code does not run), a file that is no checkpoint gets the
-    same reasons, and a bad download is deleted from the cache. Only the official checkpoints'
-    names are read as ``name-<sha256 prefix>.pth``."""
+    same reasons, and a bad download is deleted from the cache. Two URLs ending in the same file
+    name get a copy each; only files named like the official checkpoints are hash-checked."""
     folder, base = http_folder
     cache = hub_dir / "checkpoints"
-    model = scconv.scnet50(num_classes=3)
-    # "-0001." looks like a hash prefix: a user's URL is not hash-checked.
-    torch.save(model.state_dict(), folder / "weights-0001.pth")
-    loaded = scconv.scnet50(num_classes=3, weights=f"{base}/weights-0001.pth")
-    assert torch.equal(loaded.fc.weight, model.fc.weight)
-    assert (cache / "weights-0001.pth").is_file()
+    models = [scconv.scnet50(num_classes=3) for _ in range(2)]
+    for index, model in enumerate(models):
+        (folder / str(index)).mkdir()
+        # "-0001." looks like a hash prefix: a user's file name is not hash-checked.
+        torch.save(model.state_dict(), folder / str(index) / "weights-0001.pth")
+    for index, model in enumerate(models):
+        loaded = scconv.scnet50(num_classes=3, weights=f"{base}/{index}/weights-0001.pth")
+        assert torch.equal(loaded.fc.weight, model.fc.weight)
+    assert len(list(cache.glob("*-weights-0001.pth"))) == 2
+    cached = sorted(p.name for p in cache.iterdir())
 
     marker = tmp_path / "code-ran"
     torch.save({"fc.weight": _RunsCode(marker)}, folder / "evil.pth")
@@ -278,15 +281,19 @@ def test_weights_from_a_url_load_like_a_file(http_folder, hub_dir, tmp_path, mon
                          ("page.pth", "not a file written by torch.save")):  # fmt: skip
         with pytest.raises(ValueError, match=f"{file}.*not a readable torch checkpoint: {reason}"):
             scconv.scnet50(num_classes=3, weights=f"{base}/{file}")
-        assert not (cache / file).exists()
     assert not marker.exists()
+    with pytest.raises(OSError, match=r"from http://\S+/missing.pth: HTTP Error 404"):
+        scconv.scnet50(num_classes=3, weights=f"{base}/missing.pth")
+    with pytest.raises(ValueError, match="names no file"):
+        scconv.scnet50(num_classes=3, weights=f"{base}/")
 
-    # An official checkpoint whose content does not match the hash in its name.
-    torch.save(model.state_dict(), folder / "scnet50-00000000.pth")
-    monkeypatch.setitem(scconv.models.OFFICIAL_URLS, "scnet50", f"{base}/scnet50-00000000.pth")
-    with pytest.raises(ValueError, match=r"checkpoint of scnet50 from http://\S+ is corrupt"):
-        scconv.scnet50(num_classes=3, weights="official")
-    assert sorted(p.name for p in cache.iterdir()) == ["weights-0001.pth"]
+    # A file named like an official checkpoint, from any host, must match the hash in its name:
+    # a mirror's other content never lands in the cache under the official name.
+    official = scconv.models.OFFICIAL_URLS["scnet50"].rsplit("/", 1)[1]
+    torch.save(models[0].state_dict(), folder / official)
+    with pytest.raises(ValueError, match=rf"checkpoint of scnet50 from http://\S+/{official} is"):
+        scconv.scnet50(num_classes=3, weights=f"{base}/{official}")
+    assert sorted(p.name for p in cache.iterdir()) == cached  # bad downloads were not kept
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol 4")  # torch's, on plain.pth
@@ -311,6 +318,8 @@ def test_bad_checkpoint_files(tmp_path):
     torch.save({"w": _NotATensor()}, pickled_object)
     plain_pickle = tmp_path / "plain.pth"
     plain_pickle.write_bytes(pickle.dumps({"w": [1.0]}, protocol=4))
+    one_byte = tmp_path / "one-byte.pth"  # a pickle's first byte and nothing after it
+    one_byte.write_bytes(b"\x80")
     zeroed = tmp_path / "zeroed.pth"  # a torch.save archive whose pickle was overwritten
     torch.save({"w": torch.ones(8)}, zeroed)
     with zipfile.ZipFile(zeroed) as archive:
@@ -324,6 +333,7 @@ def test_bad_checkpoint_files(tmp_path):
         (pickled_object, "it holds Python objects that weights-only loading refuses.*_NotATensor"),
         (plain_pickle, "a pickle of protocol 4, not a file written by torch.save"),
         (zeroed, r"its pickled data is damaged \(Unsupported operand 0\)"),
+        (one_byte, "a damaged or truncated torch.save file of the legacy format"),
     ]:
         with pytest.raises(ValueError, match=f"not a readable torch checkpoint: {reason}") as info:
             scconv.scnet50(weights=str(path))

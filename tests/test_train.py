@@ -502,6 +502,15 @@ def test_a_new_run_refuses_a_folder_holding_another(two_classes, tmp_path, capsy
         f"with --resume {out / 'checkpoint.pth'}, choose another --output, or pass --overwrite"
     ) in capsys.readouterr().err
     assert (out / "metrics.jsonl").read_text() == "earlier run"
+    # Resuming another folder's checkpoint does not make this folder's run continue.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    train.save_checkpoint(
+        {"state_dict": {}, "arch": "scnet50", "epoch": 0, "optimizer": {}}, False, str(elsewhere)
+    )
+    with pytest.raises(SystemExit):
+        train.main([*argv, "--resume", str(elsewhere / "checkpoint.pth")])
+    assert "holds another run" in capsys.readouterr().err
     train.main([*argv, "--overwrite"])
     assert "nothing to train" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "notes.txt", "train.log"]
@@ -520,7 +529,8 @@ def test_an_unreadable_image_is_named(two_classes, tmp_path, capsys, monkeypatch
         train.main([*argv, "--num-classes", "2"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert f"scconv-train: error: cannot read image {str(broken)!r}: cannot identify image" in err
+    expected = f"error: cannot read image {str(broken)!r}: UnidentifiedImageError: cannot identify"
+    assert f"scconv-train: {expected}" in err
     assert "Traceback" not in err
 
 
