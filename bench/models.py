@@ -98,10 +98,77 @@ class Regime:
     tasks: tuple[str, ...]
     description: str
     compiles: bool  # whether the first call compiles (costly: scheduled after the eager cases)
+    needs_cuda: bool = False  # runs on a GPU only
+    default: bool = True  # in the default grid (False: only when asked for with --regimes)
 
 
 def _as_is(model: nn.Module, task: str) -> Callable:
     return model
+
+
+class CUDAGraphForward:
+    """Replays one inference forward of ``model`` as a CUDA graph: the GPU's time without the
+    host's (Python, dispatch and kernel launches, which at batch 1 take longer than the kernels).
+
+    The first call runs the model ``warmup`` times on a side stream (cuDNN's algorithm search
+    and Triton's compilation and autotuning synchronise, which a capture forbids), then captures
+    one forward on a private copy of the input. Every call copies its input into that copy and
+    replays the graph; the result is the graph's output buffer, overwritten by the next call.
+    Later calls must match the first in shape, strides, dtype, device and in inference mode,
+    grad mode and autocast (the captured kernels are those of the first call): a mismatch is a
+    ``ValueError``, never a silently wrong result.
+    """
+
+    def __init__(self, model: nn.Module, warmup: int = 3):
+        self.model = model
+        self.warmup = warmup
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.captured_for: tuple | None = None
+
+    @staticmethod
+    def _call_state(x: torch.Tensor) -> tuple:
+        return (
+            tuple(x.shape),
+            x.stride(),
+            x.dtype,
+            x.device,
+            torch.is_inference_mode_enabled(),
+            torch.is_grad_enabled(),
+            torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda"),
+        )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.device.type != "cuda":
+            where = x.device if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"CUDAGraphForward replays on a GPU: got an input on {where}")
+        state = self._call_state(x)
+        if self.graph is None:
+            self._capture(x, state)
+        elif state != self.captured_for:
+            raise ValueError(
+                "CUDAGraphForward was captured for (shape, strides, dtype, device, inference "
+                f"mode, grad mode, autocast dtype) = {self.captured_for}, called with {state}"
+            )
+        self.static_input.copy_(x)
+        self.graph.replay()
+        return self.static_output
+
+    def _capture(self, x: torch.Tensor, state: tuple) -> None:
+        self.static_input = x.clone()  # preserve_format: x's strides
+        side = torch.cuda.Stream(x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self.model(self.static_input)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.static_output = self.model(self.static_input)
+        self.graph, self.captured_for = graph, state
+
+
+def _optimized_cuda_graph(model: nn.Module, task: str) -> Callable:
+    return CUDAGraphForward(scconv.optimize_for_inference(model, inplace=True))
 
 
 def _compiled(model: nn.Module, task: str) -> Callable:
@@ -126,7 +193,18 @@ REGIMES: dict[str, Regime] = {
     "torch_compile": Regime(
         "torch_compile", _compiled, TASKS, "torch.compile (Inductor, default mode)", compiles=True
     ),
+    # Not in the default grid: a GPU run's minutes go to the issues' ratios first.
+    "optimized_cuda_graph": Regime(
+        "optimized_cuda_graph",
+        _optimized_cuda_graph,
+        ("inference",),
+        "scconv.optimize_for_inference replayed as a CUDA graph (no host launch cost)",
+        compiles=False,
+        needs_cuda=True,
+        default=False,
+    ),
 }
+DEFAULT_REGIMES = tuple(name for name, regime in REGIMES.items() if regime.default)
 
 
 @dataclass(frozen=True)
@@ -588,7 +666,7 @@ def _defaults(device: str) -> dict:
         return dict(
             models=MODELS,
             gates=GATES,
-            regimes=tuple(REGIMES),
+            regimes=DEFAULT_REGIMES,
             tasks=TASKS,
             precisions=("amp_bf16", "fp32"),
             layouts=("channels_last", "nchw"),
@@ -600,7 +678,7 @@ def _defaults(device: str) -> dict:
     return dict(
         models=MODELS,
         gates=("eager",),  # the Triton interpreter is never timed
-        regimes=tuple(REGIMES),
+        regimes=tuple(r for r in DEFAULT_REGIMES if not REGIMES[r].needs_cuda),
         tasks=TASKS,
         precisions=("fp32",),
         layouts=("nchw",),
@@ -657,6 +735,9 @@ def resolve_settings(device: str, grid: dict) -> dict:
             raise ValueError(f"unknown {name} {bad}; valid: {', '.join(valid)}")
     if device != "cuda" and "triton" in settings["gates"]:
         raise ValueError("gate 'triton' on the CPU would time the Triton interpreter; use eager")
+    gpu_only = [r for r in settings["regimes"] if REGIMES[r].needs_cuda]
+    if device != "cuda" and gpu_only:
+        raise ValueError(f"regime(s) {', '.join(gpu_only)} run on a GPU only (CUDA graphs)")
     if not _plan(settings):
         raise ValueError(
             f"the grid holds no case: training needs a batch of at least {MIN_TRAIN_BATCH}, "

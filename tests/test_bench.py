@@ -734,6 +734,20 @@ def test_every_stage_takes_the_arguments_bench_gives_it(tmp_path, monkeypatch, g
             common.seconds_left(text)
 
 
+def test_cuda_graph_regime_is_opt_in_and_gpu_only(tmp_path):
+    """optimized_cuda_graph replays CUDA graphs: outside the default grid (a GPU run's minutes
+    go to the issues' ratios), refused on the CPU, and its wrapper refuses CPU inputs."""
+    assert "optimized_cuda_graph" in models.REGIMES
+    assert "optimized_cuda_graph" not in models._defaults("cuda")["regimes"]
+    assert "optimized_cuda_graph" not in models._defaults("cpu")["regimes"]
+    with pytest.raises(ValueError, match="optimized_cuda_graph run on a GPU only"):
+        models.run(tmp_path, device="cpu", regimes=("optimized_cuda_graph",))
+    graphed = models.CUDAGraphForward(torch.nn.Identity())
+    with pytest.raises(ValueError, match="replays on a GPU: got an input on cpu"):
+        graphed(torch.ones(2))
+    assert not list(tmp_path.iterdir())
+
+
 def test_breakdown_attributes_gating_cat_and_backward_by_sequence_number(tmp_path, one_thread):
     import torchvision
 

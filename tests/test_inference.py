@@ -875,6 +875,30 @@ def test_cuda_optimized_scnet50_matches(
 
 @pytest.mark.cuda
 @requires_cuda
+def test_cuda_graph_replays_the_optimized_scnet(perturb_batchnorm, no_tf32):
+    """bench.models' optimized_cuda_graph regime: the replayed graph (Triton gate and fused ops
+    captured) gives each new input's own output, under bf16 autocast and channels_last."""
+    from bench.models import CUDAGraphForward
+
+    model = _cuda_scnet50(perturb_batchnorm, torch.channels_last)
+    optimized = optimize_for_inference(model)
+    graphed = CUDAGraphForward(optimized)
+    first, second = (
+        torch.randn(2, 3, 128, 128, device="cuda").contiguous(memory_format=torch.channels_last)
+        for _ in range(2)
+    )
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for images in (first, second, first):
+            expected = optimized(images)
+            torch.testing.assert_close(graphed(images).clone(), expected, rtol=2e-2, atol=2e-2)
+        with pytest.raises(ValueError, match="captured for"):
+            graphed(first[:1])
+    with pytest.raises(ValueError, match="captured for"), torch.inference_mode():
+        graphed(first)  # outside autocast: the captured kernels are bf16 ones
+
+
+@pytest.mark.cuda
+@requires_cuda
 def test_cuda_bf16_autocast_channels_last(perturb_batchnorm, monkeypatch):
     """Under autocast every block's input and output are bfloat16: all fused ops run Triton."""
     model = _cuda_scnet50(perturb_batchnorm, torch.channels_last)
