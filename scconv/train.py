@@ -456,13 +456,19 @@ def make_output_folder(path: str) -> None:
 RUN_FILES = (CHECKPOINT_NAME, BEST_NAME, METRICS_NAME, LOG_NAME)
 
 
-def claim_output_folder(args: argparse.Namespace) -> None:
+def claim_output_folder(args: argparse.Namespace, writes: bool = True) -> None:
     """Make ``--output`` and make sure a new run does not mix with an earlier one there.
 
     A run refuses a folder holding another run's files (its metrics would be emptied or mixed
     with the new ones, and its model_best.pth kept beside the new checkpoint) unless it resumes
-    the checkpoint of that folder, or ``--overwrite`` is given: then they are deleted first."""
-    make_output_folder(args.output)
+    the checkpoint of that folder, or ``--overwrite`` is given: then they are deleted first.
+    ``writes=False`` (the processes that are not rank 0, which write nothing there) only checks,
+    where the folder is visible, so that they refuse with rank 0 instead of waiting for it at
+    the rendezvous; with ``--overwrite`` they leave the deleting to rank 0."""
+    if writes:
+        make_output_folder(args.output)
+    elif args.overwrite or not os.path.isdir(args.output):
+        return
     resumed_folder = os.path.dirname(os.path.abspath(args.resume)) if args.resume else None
     if resumed_folder and os.path.samefile(resumed_folder, args.output):
         return  # continuing the run that is there
@@ -1195,8 +1201,8 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint = check_args(args, parser)
         launch = plan_launch(args)
         check_model_fits(args, launch)
-        if not args.evaluate and launch.rank == 0:  # this node runs rank 0, which writes there
-            claim_output_folder(args)
+        if not args.evaluate:  # rank 0 (on this node, when spawning) writes there
+            claim_output_folder(args, writes=launch.rank == 0)
     except UsageError as error:
         parser.error(str(error))
 

@@ -502,6 +502,14 @@ def test_a_new_run_refuses_a_folder_holding_another(two_classes, tmp_path, capsy
         f"with --resume {out / 'checkpoint.pth'}, choose another --output, or pass --overwrite"
     ) in capsys.readouterr().err
     assert (out / "metrics.jsonl").read_text() == "earlier run"
+    # Other ranks (torchrun, or --rank by hand) refuse too, without waiting for rank 0 at the
+    # rendezvous; with --overwrite they leave the deleting to rank 0.
+    other_rank = argparse.Namespace(output=str(out), resume="", overwrite=False)
+    with pytest.raises(train.UsageError, match="holds another run"):
+        train.claim_output_folder(other_rank, writes=False)
+    other_rank.overwrite = True
+    train.claim_output_folder(other_rank, writes=False)
+    assert (out / "metrics.jsonl").read_text() == "earlier run"
     # Resuming another folder's checkpoint does not make this folder's run continue.
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
