@@ -394,14 +394,17 @@ LAYOUTS = [torch.contiguous_format, torch.channels_last]
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
-# 7x9 planes and 5 + 3 channels: rows that are no multiple of the block or of 16.
-@pytest.mark.parametrize("shape_a, channels_b", [((2, 5, 7, 9), 3), ((1, 16, 4, 4), 16)])
+# 7x9 planes and 5 + 3 channels: rows that are no multiple of the block or of 16. A one-channel
+# `a` is dense in both formats: the output's layout, not a's, picks the kernel's rows.
+@pytest.mark.parametrize(
+    "shape_a, channels_b", [((2, 5, 7, 9), 3), ((1, 16, 4, 4), 16), ((2, 1, 4, 5), 3)]
+)
 def test_relu_cat_triton_matches_eager(dtype, layout, shape_a, channels_b):
     torch.manual_seed(0)
     a = torch.randn(shape_a, dtype=dtype).to(DEVICE).contiguous(memory_format=layout)
     b = torch.randn(shape_a[0], channels_b, *shape_a[2:], dtype=dtype).to(DEVICE)
     b = b.contiguous(memory_format=layout)
-    a[0, 1, 2, 3] = float("nan")
+    a[0, -1, 2, 3] = float("nan")
     expected = torch.relu(torch.cat([a, b], dim=1))
     for out in (fused.relu_cat_triton(a, b), torch.ops.scconv.relu_cat(a, b)):
         # ReLU and placement are exact: bit-identical, NaN where eager has NaN.
@@ -482,10 +485,33 @@ def test_relu_split_pool_any_strides_any_r_and_bad_input():
         torch.ops.scconv.relu_split_pool(m, 8, 4)
     with pytest.raises(ValueError, match="7x9 map cannot be average-pooled by windows of 8x8"):
         torch.ops.scconv.relu_split_pool(m, 3, 8)
+    with pytest.raises(ValueError, match="9x7 map cannot be average-pooled by windows of 8x8"):
+        torch.ops.scconv.relu_split_pool(m.transpose(2, 3), 3, 8)  # too narrow, tall enough
     with pytest.raises(ValueError, match="must be 4-D"):
         torch.ops.scconv.relu_split_pool(m[0], 3, 4)
     with pytest.raises(TypeError, match="supported dtypes"):
         torch.ops.scconv.relu_split_pool(m.int(), 3, 4)
+
+
+def test_relu_split_pool_edge_cases():
+    generator = torch.Generator().manual_seed(0)
+    # A column slice of one row, one channel per half: the strides are multiples of 16 and only
+    # W (12) holds the alignment down to 4.
+    m = torch.randn(1, 2, 1, 16, generator=generator)[..., :12].to(DEVICE)
+    for out, ref in zip(fused.relu_split_pool_triton(m, 1, 1), _relu_split_pool_eager(m, 1, 1),
+                        strict=True):  # fmt: skip
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    # A window wider than the channels_last column block (64 channels take BLOCK_W 16 < r).
+    m = torch.randn(1, 64, 32, 32, generator=generator).to(DEVICE)
+    m = m.contiguous(memory_format=torch.channels_last)
+    for out, ref in zip(fused.relu_split_pool_triton(m, 32, 32),
+                        _relu_split_pool_eager(m, 32, 32), strict=True):  # fmt: skip
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    # float16 windows sum in float32: in float16, 2048 + 1 rounds back to 2048.
+    m = torch.ones(1, 2, 4, 4, dtype=torch.float16, device=DEVICE)
+    m[0, 1, 0, 0] = 2048.0
+    pooled = fused.relu_split_pool_triton(m, 1, 4)[2]
+    assert pooled.item() == pytest.approx((2048 + 15) / 16, abs=2**-4)  # 128.9375, one fp16 step
 
 
 def test_fused_ops_take_any_strides_through_the_composite_path():
@@ -575,8 +601,15 @@ def test_fused_launch_plans_are_cached_by_every_input_of_the_plan(monkeypatch):
         out = fused._relu_cat_empty(a_, b_)
         args, constexprs, grid = fused.relu_cat_launch_arguments(a_, b_, out)
         assert (args[3:], constexprs, grid) == fused._relu_cat_plan(a_, b_, out)
-    monkeypatch.setattr(fused, "_INT32_LIMIT", 16)  # after plans at the real limit were cached
+    # Callers get their own copy of the cached constexprs.
     outputs = fused._relu_split_pool_empty(m, 5, 4)
+    fused.relu_split_pool_launch_arguments(m, 5, 4, *outputs)[1]["ALIGN"] = -1
+    assert fused.relu_split_pool_launch_arguments(m, 5, 4, *outputs)[1]["ALIGN"] == 16
+    # The tensor spans 3071 elements, but the last blocks' masked lanes (and b's offsets of a's
+    # channels) reach up to (BLOCK_C + BLOCK_W) * 1536 elements past it: WIDE_INDEX counts that.
+    monkeypatch.setattr(fused, "_INT32_LIMIT", 4000)
+    assert fused.relu_split_pool_launch_arguments(m, 5, 4, *outputs)[1]["WIDE_INDEX"]
+    monkeypatch.setattr(fused, "_INT32_LIMIT", 16)  # after plans at the real limit were cached
     assert fused.relu_split_pool_launch_arguments(m, 5, 4, *outputs)[1]["WIDE_INDEX"]
     out = fused._relu_cat_empty(a, b)
     assert fused.relu_cat_launch_arguments(a, b, out)[1]["WIDE_INDEX"]

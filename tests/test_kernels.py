@@ -269,6 +269,15 @@ def test_plane_alignment_is_one_without_a_contiguous_plane():
     assert gate.plane_align(y[..., ::2], y[..., ::2], y[..., ::2]) == 1  # column stride 2
 
 
+def test_one_column_plane_with_padded_rows_is_not_flat():
+    """A (H, 1) plane is flat only if its rows are adjacent: here each row is 3 elements apart."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, 6, 3, generator=generator)[..., :1].to(DEVICE)
+    k2 = torch.randn(1, 2, 2, 1, generator=generator).to(DEVICE)
+    k3 = torch.randn(1, 2, 6, 3, generator=generator)[..., :1].to(DEVICE)
+    torch.testing.assert_close(gate.gate_forward(x, k2, k3), sc_gate_reference(x, k2, k3))
+
+
 def test_launch_plans_are_cached_by_every_input_of_the_plan(monkeypatch):
     """Launch arguments are cached by shapes, strides, dtype and the int32 limit: a cached plan is
     reused only where a fresh one would be the same, and a lowered ``_INT32_LIMIT`` (the int64
@@ -459,6 +468,28 @@ def test_design_note_rows_map_like_pytorch(big, small, row, source_row):
     assert (row * small) // big != source_row  # the case really distinguishes the two formulas
 
 
+@triton.jit
+def _nearest_source_probe(dst_ptr, out_ptr, scale, src_size, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    dst = tl.load(dst_ptr + offsets)
+    tl.store(out_ptr + offsets, gate._nearest_source(dst, scale, src_size))
+
+
+@pytest.mark.skipif(CUDA, reason="probes the device helper through the interpreter")
+def test_nearest_source_clamps_like_interpolate_at_large_sizes():
+    """Past 2**23 rows float32 rounding can map the last row one past k2's end; PyTorch clamps it
+    to h - 1, and so must the kernels' map and the reference's."""
+    big, small = 12115276, 66617  # float32(big - 1) * float32(small / big) rounds up to small
+    dst = torch.tensor([0, big // 2, big - 2, big - 1], dtype=torch.int32)
+    out = torch.empty_like(dst)
+    _nearest_source_probe[(1,)](dst, out, gate.nearest_scale(small, big), small, BLOCK=4)
+    probe = torch.arange(small, dtype=torch.float32).view(1, 1, small, 1)
+    expected = F.interpolate(probe, size=(big, 1), mode="nearest").view(-1)[dst.long()].int()
+    assert out.tolist() == expected.tolist()
+    assert expected[-1] == small - 1
+    assert nearest_source_index(big, small)[-1] == small - 1
+
+
 @pytest.mark.parametrize("shape", ["13x17_odd", "exact_2x"])  # exact_2x: UNIFORM_W 2
 @pytest.mark.parametrize("layout", ["contiguous", "slice_cl"])
 def test_int64_index_path_matches(monkeypatch, layout, shape):
@@ -467,6 +498,13 @@ def test_int64_index_path_matches(monkeypatch, layout, shape):
     x, k2, k3, grad = make_inputs(*SHAPES[shape], layout=layout)
     assert gate._needs_wide_index(x)
     check_against_reference(x, k2, k3, grad)
+
+
+def test_wide_index_counts_every_dimension_of_a_sample():
+    assert gate._needs_wide_index(torch.empty(1, 2**16, 256, 256, device="meta"))  # channels
+    assert not gate._needs_wide_index(torch.empty(1, 2**10, 256, 256, device="meta"))
+    # Samples stay apart: n * stride_n is int64 in the kernels whatever WIDE_INDEX says.
+    assert not gate._needs_wide_index(torch.empty(2**16, 2**10, 64, 64, device="meta"))
 
 
 def test_backward_is_deterministic():
@@ -618,13 +656,20 @@ def test_bad_grad_out_raises():
     x, k2, k3, _ = make_inputs(1, 2, 8, 8, 2, 2)
     with pytest.raises(ValueError, match=r"\(1, 2, 8, 7\)"):
         gate.gate_backward(torch.ones(1, 2, 8, 7, device=DEVICE), x, k2, k3)
+    with pytest.raises(ValueError, match="grad_out must match x.*meta"):
+        gate.gate_backward(torch.ones(1, 2, 8, 8, device="meta"), x, k2, k3)
 
 
-def test_backward_rejects_sizes_past_exact_footprints():
+def test_backward_rejects_sizes_past_exact_footprints(monkeypatch):
     x = torch.ones(1, 1, gate.MAX_BACKWARD_SIZE + 1, 1, dtype=torch.float16)
     k2 = torch.ones(1, 1, 1, 1, dtype=torch.float16)
     with pytest.raises(ValueError, match="at most 4194303"):
         gate.gate_backward(x, x, k2, x)
+    launches = []  # the limit itself is accepted (not launched: 4M rows in the interpreter)
+    monkeypatch.setattr(gate, "_launch", lambda *args: launches.append(args))
+    x = x[:, :, : gate.MAX_BACKWARD_SIZE]
+    gate.gate_backward(x, x, k2, x)
+    assert len(launches) == 1
 
 
 def test_custom_op_passes_opcheck():
@@ -633,6 +678,20 @@ def test_custom_op_passes_opcheck():
     torch.library.opcheck(torch.ops.scconv.sc_gate.default, inputs)
     x, k2, k3, _ = make_inputs(1, 2, 7, 6, 2, 3, layout="channels_last")
     torch.library.opcheck(torch.ops.scconv.sc_gate.default, [x, k2, k3])
+
+
+def test_backward_fake_strides_match_the_real_ones_for_mixed_layouts():
+    """torch.compile plans the backward from the fake kernel: each gradient takes its own
+    input's layout (grad_k3 that of k3, not of x)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, k2, k3, grad = make_inputs(1, 3, 6, 5, 2, 2, layout=("channels_last", "contiguous",
+                                                            "contiguous"))  # fmt: skip
+    real = torch.ops.scconv.sc_gate_backward(grad, x, k2, k3)
+    with FakeTensorMode() as mode:
+        fakes = torch.ops.scconv.sc_gate_backward(*(mode.from_tensor(t) for t in (grad, x, k2, k3)))
+    assert [f.stride() for f in fakes] == [r.stride() for r in real]
+    assert real[0].stride() != real[2].stride()  # the layouts really differ
 
 
 def test_torch_compile_fullgraph_matches():
@@ -745,6 +804,14 @@ def test_prune_picks_layout_family(kernel):
     tiny = prune(space, {"C": 1, "H": 1, "W": 1, "w": 1, "stride_xc": 1})
     smallest = min(c.kwargs["BLOCK_C"] * c.kwargs[spatial] for c in configs._plane_configs(kernel))
     assert [c.kwargs["BLOCK_C"] * c.kwargs[spatial] for c in tiny] == [smallest]
+
+
+def test_prune_keeps_tiles_up_to_the_next_power_of_two():
+    """A tile as large as the sizes rounded up to a power of two fits (5 channels: BLOCK_C 8)."""
+    prune = configs.prune_for_layout("backward")
+    arguments = {"C": 5, "H": 16, "W": 16, "w": 16, "stride_xc": 256}
+    kept = [c.kwargs for c in prune(configs.search_space("backward"), arguments)]
+    assert {"BLOCK_C": 8, "BLOCK_Q": 8} in kept
 
 
 def test_table_key_format():
@@ -948,20 +1015,33 @@ compiled("forward", x, k2, BLOCK_C=4, BLOCK_HW=256)
 compiled("backward", x, k2, BLOCK_C=4, BLOCK_Q=8)
 uniform = meta((2, 3, 16, 16), torch.float64), meta((2, 3, 4, 4), torch.float64)
 compiled("backward", *uniform, BLOCK_C=4, BLOCK_Q=4)
+
+
+def ttir_lines(ir, pattern):
+    return [line.strip() for line in ir.splitlines() if re.search(pattern, line)]
+
+
+def ttir(kernel, x, k2, **kwargs):
+    return codegen.compile_kernel(kernel, x, k2, x, triton.Config(kwargs, num_warps=4)).asm["ttir"]
+
+
+I32_ADDPTR = "tt[.]addptr .*: .*, (tensor<[0-9x]+xi32>|i32)( |$)"
+I32_SCALAR_ADDPTR = "tt[.]addptr .*: !tt[.]ptr<[a-z0-9]+>, i32( |$)"
+I32_TENSOR_MUL = "arith[.]muli .*: tensor<[0-9x]+xi32>"
+# Without WIDE_INDEX a sample's offsets are int32, but the sample's own offset n * stride_n is
+# int64: N samples may pass 2**31 elements when none does alone.
+assert not ttir_lines(ttir("forward", x, k2, BLOCK_C=4, BLOCK_HW=256), I32_SCALAR_ADDPTR)
+assert not ttir_lines(ttir("backward", x, k2, BLOCK_C=4, BLOCK_Q=8), I32_SCALAR_ADDPTR)
 codegen.gate._INT32_LIMIT = 16  # the int64 index path compiles too
+# With WIDE_INDEX no pointer arithmetic is left on an int32 offset (it wraps past 2**31), and no
+# index product is int32 (c * stride_c would wrap before it is widened by the sum).
+for kernel, inputs, tile in (("forward", (x, k2), {"BLOCK_C": 4, "BLOCK_HW": 256}),
+                             ("backward", (x, k2), {"BLOCK_C": 4, "BLOCK_Q": 8}),
+                             ("backward", uniform, {"BLOCK_C": 4, "BLOCK_Q": 4})):  # fmt: skip
+    ir = ttir(kernel, *inputs, **tile)
+    assert not ttir_lines(ir, I32_ADDPTR), (kernel, ir)
+    assert not ttir_lines(ir, I32_TENSOR_MUL), (kernel, ir)
 
-
-# Pointer arithmetic on int32 offsets in the kernel's TTIR: none may be left with WIDE_INDEX (an
-# int32 offset past 2**31 wraps).
-def int32_offsets(kernel, x, k2, **kwargs):
-    ir = codegen.compile_kernel(kernel, x, k2, x, triton.Config(kwargs, num_warps=4)).asm["ttir"]
-    pattern = re.compile("tt[.]addptr .*: .*, (tensor<[0-9x]+xi32>|i32)( |$)")
-    return [line.strip() for line in ir.splitlines() if pattern.search(line)]
-
-
-assert not int32_offsets("forward", x, k2, BLOCK_C=4, BLOCK_HW=256)
-assert not int32_offsets("backward", x, k2, BLOCK_C=4, BLOCK_Q=8)
-assert not int32_offsets("backward", *uniform, BLOCK_C=4, BLOCK_Q=4)
 
 # The fused inference kernels (kernels/fused.py), as their launchers launch them.
 for layout in (torch.contiguous_format, cl):
@@ -984,13 +1064,12 @@ a, b = meta((1, 3, 5, 7), torch.float64), meta((1, 2, 5, 7), torch.float64)
 codegen.compile_fused("relu_cat", a, b)
 codegen.compile_fused("add_relu", a, a)
 codegen.compile_fused("relu_split_pool", a, b)
-codegen.fused._INT32_LIMIT = 16  # the int64 index paths
-codegen.compile_fused("relu_cat", a, b)
-codegen.compile_fused("add_relu", a, a)
-# No pointer arithmetic on an int32 offset is left with WIDE_INDEX.
-ir = codegen.compile_fused("relu_split_pool", a, b).asm["ttir"]
-pattern = re.compile("tt[.]addptr .*: .*, (tensor<[0-9x]+xi32>|i32)( |$)")
-assert not [line for line in ir.splitlines() if pattern.search(line)], ir
+codegen.fused._INT32_LIMIT = 16  # the int64 index paths, checked as the gate's are
+for kernel, inputs in (("relu_cat", (a, b)), ("add_relu", (a, a)), ("relu_split_pool", (a, b))):
+    ir = codegen.compile_fused(kernel, *inputs).asm["ttir"]
+    assert not ttir_lines(ir, I32_TENSOR_MUL), (kernel, ir)
+    if kernel != "relu_cat":  # its offset within a row stays int32: rows are below _MAX_ROW
+        assert not ttir_lines(ir, I32_ADDPTR), (kernel, ir)
 print("ok")
 """
 
