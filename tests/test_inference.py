@@ -157,6 +157,15 @@ def test_fold_batchnorm_single_layer_and_errors():
     with torch.no_grad():
         torch.testing.assert_close(folded(x), bn(conv(x)), rtol=1e-5, atol=1e-5)
     assert not folded.weight.requires_grad
+    # The folded conv keeps the original's geometry: dilation, groups, padding mode.
+    conv = nn.Conv2d(6, 7, 3, padding=2, dilation=2, padding_mode="reflect", bias=False)
+    odd = nn.Conv2d(6, 8, 3, groups=2, bias=False)
+    for layer in (conv, odd):
+        norm = bn if layer is conv else nn.BatchNorm2d(8, eps=1e-3).eval()
+        x = torch.randn(2, 6, 9, 11)
+        with torch.no_grad():
+            torch.testing.assert_close(fold_batchnorm(layer, norm)(x), norm(layer(x)),
+                                       rtol=1e-5, atol=1e-5)  # fmt: skip
     with pytest.raises(ValueError, match="BatchNorm of 6 channels after a 7-channel conv"):
         fold_batchnorm(conv, nn.BatchNorm2d(6))
     with pytest.raises(ValueError, match="without running statistics"):
@@ -261,11 +270,76 @@ def test_a_k2_pool_other_than_the_plain_one_leaves_the_block_unchanged(
     assert type(optimized) is scconv.SCBottleneck
 
 
+@pytest.mark.parametrize("dilation, cardinality, pooling_r", [(2, 1, 4), (1, 2, 4), (1, 1, 2)])
+def test_dilated_grouped_and_other_pooling_blocks_match(
+    dilation, cardinality, pooling_r, perturb_batchnorm
+):
+    """Blocks unlike SCNet-50's: dilated (SCNet with dilated=True), grouped (cardinality > 1) and
+    an SC-Conv that pools by 2 are converted and keep their outputs."""
+    torch.manual_seed(0)
+    block = scconv.SCBottleneck(64, 16, dilation=dilation, cardinality=cardinality, gate="eager")
+    if pooling_r != block.scconv.pooling_r:  # SCConv takes any pooling_r; SCBottleneck uses 4
+        block.scconv.pooling_r = pooling_r
+        block.scconv.k2[0] = nn.AvgPool2d(pooling_r, pooling_r)
+    block = perturb_batchnorm(block).eval()
+    optimized = optimize_for_inference(block)
+    assert type(optimized) is FusedSCBottleneck
+    x = torch.randn(2, 64, 13, 11)
+    with torch.no_grad():
+        assert _relative_error(optimized(x), block(x)) <= RTOL
+
+
+class _Doubler(nn.Module):
+    def forward(self, x):
+        return 2 * x
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("conv1_b_3x3", "conv1_a and conv1_b differ in more than"),
+        ("conv1_grouped", "conv1_a and conv1_b differ in more than"),
+        ("leaky_relu", "its relu is a LeakyReLU, not an nn.ReLU"),
+        ("k1_extra", "k1: holds a _Doubler"),
+    ],
+)
+def test_a_block_it_cannot_convert_is_left_unchanged(change, message, perturb_batchnorm):
+    """conv1_a and conv1_b merge only when they are twins of one geometry, ungrouped; a block
+    with parts of other types is reported and kept as it was."""
+    block = _sc_block(perturb_batchnorm)
+    if change == "conv1_b_3x3":
+        block.conv1_b = nn.Conv2d(64, 8, 3, padding=1, bias=False)
+    elif change == "conv1_grouped":
+        block.conv1_a = nn.Conv2d(64, 8, 1, groups=2, bias=False)
+        block.conv1_b = nn.Conv2d(64, 8, 1, groups=2, bias=False)
+    elif change == "leaky_relu":
+        block.relu = nn.LeakyReLU(0.1, inplace=True)
+    else:
+        block.k1.append(_Doubler())
+    block.eval()
+    with pytest.warns(UserWarning, match=re.escape(message)):
+        optimized = optimize_for_inference(block)
+    assert type(optimized) is scconv.SCBottleneck
+    x = torch.randn(1, 64, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(optimized(x), block(x), rtol=0, atol=0)
+
+
+def test_a_batchnorm_after_no_convolution_is_reported():
+    seq = nn.Sequential(nn.ReLU(), nn.BatchNorm2d(4)).eval()
+    with pytest.warns(UserWarning, match=re.escape("1 (BatchNorm2d): BatchNorm with no conv")):
+        optimized = optimize_for_inference(seq)
+    assert type(optimized[1]) is nn.BatchNorm2d
+
+
 def test_channels_last(perturb_batchnorm):
     model = _model("scnet50", perturb_batchnorm).to(memory_format=torch.channels_last)
     optimized = optimize_for_inference(model)
-    conv = optimized.layer1[0].conv1
-    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    # Every folded weight keeps its layout; the 3x3 ones are the test (a 1x1 weight is dense in
+    # both formats).
+    convs = [m for m in optimized.modules() if isinstance(m, nn.Conv2d)]
+    assert sum(c.kernel_size == (3, 3) for c in convs) == 16 * 4  # k1 to k4
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
     seen = []
     optimized.layer2[1].conv3.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
     x = torch.randn(2, 3, 128, 128).to(memory_format=torch.channels_last)
@@ -345,11 +419,6 @@ def test_unsupported_root_raises():
         optimize_for_inference("scnet50")
 
 
-class _Doubler(nn.Module):
-    def forward(self, x):
-        return 2 * x
-
-
 def test_unknown_modules_are_left_alone_and_listed(perturb_batchnorm):
     model = _model("scnet50", perturb_batchnorm)
     model.layer4[2] = _Doubler()  # an unknown block type
@@ -365,8 +434,34 @@ def test_unknown_modules_are_left_alone_and_listed(perturb_batchnorm):
     kept = optimized.layer2[1]
     assert type(kept) is scconv.SCBottleneck and type(kept.bn3) is nn.BatchNorm2d
     assert all(torch.equal(v, odd.state_dict()[k]) for k, v in kept.state_dict().items())
+    # Copied, not shared: changing the optimized model never changes the original.
+    originals = {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
+    assert not any(t.untyped_storage().data_ptr() in originals for t in kept.state_dict().values())
     assert type(optimized.layer2[2]) is FusedSCBottleneck  # its neighbours are still converted
     x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        assert _relative_error(optimized(x), model(x)) <= RTOL
+
+
+def test_v1d_identity_pools_are_dropped_and_other_pools_kept(perturb_batchnorm):
+    """v1d's layer1 downsample starts with a 1x1 AvgPool2d (a copy): it becomes an Identity.
+    A head pool that is not global stays an AdaptiveAvgPool2d."""
+    with torch.device("meta"):
+        model = scconv.scnet50_v1d(gate="eager").eval()
+        x = torch.empty(1, 3, 224, 224)
+    optimized = optimize_for_inference(model)
+    assert type(model.layer1[0].downsample[0]) is nn.AvgPool2d
+    assert type(optimized.layer1[0].downsample[0]) is nn.Identity
+    assert aten_op_counts(optimized, x)["aten.avg_pool2d.default"] == 6  # 3 avd + 3 downsample
+    import torchvision
+
+    torch.manual_seed(0)
+    model = perturb_batchnorm(torchvision.models.resnet18(num_classes=10))
+    model.avgpool, model.fc = nn.AdaptiveAvgPool2d(2), nn.Linear(512 * 4, 10)
+    model.eval()
+    optimized = optimize_for_inference(model)
+    assert type(optimized.avgpool) is nn.AdaptiveAvgPool2d
+    x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert _relative_error(optimized(x), model(x)) <= RTOL
 

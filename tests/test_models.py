@@ -160,12 +160,18 @@ def test_checkpoint_roundtrip_is_bit_identical(tmp_path, trained_like_scnet):
         assert torch.equal(fresh(x), trained_like_scnet(x))
 
 
-@pytest.mark.parametrize("wrap", ["ddp_prefix", "state_dict_key", "both"])
+@pytest.mark.parametrize(
+    "wrap", ["ddp_prefix", "state_dict_key", "both", "model_key", "compile_prefix"]
+)
 def test_wrapped_checkpoints_load(tmp_path, trained_like_scnet, wrap):
     state = trained_like_scnet.state_dict()
     if wrap in ("ddp_prefix", "both"):
         state = {f"module.{k}": v for k, v in state.items()}
+    if wrap == "compile_prefix":  # the state dict of a torch.compile'd model
+        state = {f"_orig_mod.{k}": v for k, v in state.items()}
     checkpoint = {"state_dict": state, "epoch": 3} if wrap in ("state_dict_key", "both") else state
+    if wrap == "model_key":
+        checkpoint = {"model": state, "epoch": 3}
     path = tmp_path / "ckpt.pth"
     torch.save(checkpoint, path)
     fresh = scconv.create_model("scnet50", weights=str(path), num_classes=7)
@@ -256,7 +262,11 @@ def http_folder(tmp_path):
         server.server_close()
 
 
-def test_weights_from_a_url_load_like_a_file(http_folder, hub_dir, tmp_path):
+def _no_download(url, *args, **kwargs):
+    raise AssertionError(f"downloaded {url} again")
+
+
+def test_weights_from_a_url_load_like_a_file(http_folder, hub_dir, tmp_path, monkeypatch):
     """A URL is downloaded into the hub cache and read weights-only, as a path is: a file that
     would run code is refused (and the code does not run), a file that is no checkpoint gets the
     same reasons, and a bad download is deleted from the cache. Two URLs ending in the same file
@@ -273,6 +283,10 @@ def test_weights_from_a_url_load_like_a_file(http_folder, hub_dir, tmp_path):
         assert torch.equal(loaded.fc.weight, model.fc.weight)
     assert len(list(cache.glob("*-weights-0001.pth"))) == 2
     cached = sorted(p.name for p in cache.iterdir())
+    with monkeypatch.context() as offline:  # a cached URL is read from the cache
+        offline.setattr(torch.hub, "download_url_to_file", _no_download)
+        loaded = scconv.scnet50(num_classes=3, weights=f"{base}/1/weights-0001.pth")
+    assert torch.equal(loaded.fc.weight, models[1].fc.weight)
 
     marker = tmp_path / "code-ran"
     torch.save({"fc.weight": _RunsCode(marker)}, folder / "evil.pth")
@@ -320,6 +334,9 @@ def test_bad_checkpoint_files(tmp_path):
     plain_pickle.write_bytes(pickle.dumps({"w": [1.0]}, protocol=4))
     one_byte = tmp_path / "one-byte.pth"  # a pickle's first byte and nothing after it
     one_byte.write_bytes(b"\x80")
+    legacy = tmp_path / "legacy.pth"  # torch.save's old format (protocol 2 pickles), cut short
+    torch.save({"w": torch.ones(8)}, legacy, _use_new_zipfile_serialization=False)
+    legacy.write_bytes(legacy.read_bytes()[:100])
     zeroed = tmp_path / "zeroed.pth"  # a torch.save archive whose pickle was overwritten
     torch.save({"w": torch.ones(8)}, zeroed)
     with zipfile.ZipFile(zeroed) as archive:
@@ -334,6 +351,7 @@ def test_bad_checkpoint_files(tmp_path):
         (plain_pickle, "a pickle of protocol 4, not a file written by torch.save"),
         (zeroed, r"its pickled data is damaged \(Unsupported operand 0\)"),
         (one_byte, "a damaged or truncated torch.save file of the legacy format"),
+        (legacy, "a damaged or truncated torch.save file of the legacy format"),
     ]:
         with pytest.raises(ValueError, match=f"not a readable torch checkpoint: {reason}") as info:
             scconv.scnet50(weights=str(path))
@@ -370,6 +388,12 @@ def test_dilated_variants_build_and_run():
     assert features[-1].shape[-1] == 16  # stages 3 and 4 keep stride 8
     with pytest.raises(ValueError, match="dilation must be 1, 2 or 4"):
         scconv.scnet50(dilation=3)
+    # v1d's avd pools in the first block of every stage but layer1 (the official rule: stride 2,
+    # or the first block of a dilated stage that keeps stride 1), and in no other block.
+    with torch.device("meta"):
+        layers = [getattr(scconv.scnet50_v1d(dilated=True), f"layer{i}") for i in (1, 2, 3, 4)]
+    assert [layer[0].avd for layer in layers] == [False, True, True, True]
+    assert not any(block.avd for layer in layers for block in layer[1:])
 
 
 # --- Gate selection ----------------------------------------------------------------------------
