@@ -220,7 +220,8 @@ def _stop(
     try:
         stdout, _ = process.communicate(timeout=STOP_GRACE_S)
     except subprocess.TimeoutExpired:
-        log(f"=== bench: stage {name} still running {STOP_GRACE_S:.0f}s after SIGTERM: SIGKILL")
+        sent = signal.Signals(signum).name
+        log(f"=== bench: stage {name} still running {STOP_GRACE_S:.0f}s after {sent}: SIGKILL")
         _signal_group(process, signal.SIGKILL)
         stdout, _ = process.communicate()
     finally:
@@ -267,6 +268,14 @@ def _remove_earlier_outputs(stages: list[Stage], out: Path) -> None:
             (out / name).unlink(missing_ok=True)
 
 
+def _default_sigint() -> None:
+    """In the stage's process before it starts Python: SIGINT back to its default action. A shell
+    starts background jobs (``bench/gpu.sh ... &``, ``nohup``) with SIGINT ignored, exec keeps an
+    ignored signal ignored, and Python then installs no KeyboardInterrupt handler: pytest would
+    not stop on the SIGINT that ends a test run past its cap, nor print its result line."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_stage(
     stage: Stage, out: Path, env: dict, budget_s: float | None, deadline: float | None = None
 ) -> tuple[str, float]:
@@ -299,6 +308,7 @@ def run_stage(
             stderr=stderr_to,
             text=True,
             start_new_session=True,
+            preexec_fn=_default_sigint,
         )
         timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
         try:

@@ -1019,6 +1019,28 @@ def test_a_test_run_past_its_cap_still_reports_what_passed(workers, tmp_path, ca
     assert "stopping it (SIGINT)" in capfd.readouterr().err
 
 
+def test_a_stage_started_with_sigint_ignored_gets_it_back(tmp_path):
+    """A shell starts background jobs with SIGINT ignored (``bench/gpu.sh OUT &``), and exec keeps
+    it ignored: without run_stage's reset, the tests stage's pytest would not stop on the SIGINT
+    that ends it at its cap, and would print no result line."""
+    from bench import __main__ as orchestrator
+
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    (modules / "sigint_probe.py").write_text(
+        "import signal\nprint('handler:', signal.getsignal(signal.SIGINT).__name__)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(modules))
+    stage = orchestrator.Stage("probe", ["sigint_probe"], log_file="probe.log")
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a background job
+    try:
+        status, _ = orchestrator.run_stage(stage, tmp_path, env, None, None)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert status == orchestrator.DONE
+    assert (tmp_path / "probe.log").read_text().strip() == "handler: default_int_handler"
+
+
 def test_a_stage_past_its_cap_is_stopped_and_the_run_goes_on(
     tmp_path, slow_stage, monkeypatch, capfd
 ):
