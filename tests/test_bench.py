@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -129,6 +130,60 @@ def test_budget_and_dtype_names():
     assert common.dtype_name(common.dtype_from_name("bf16")) == "bf16"
     with pytest.raises(ValueError, match="unknown dtype"):
         common.dtype_from_name("fp8")
+
+
+def test_time_cpu_reports_the_median_and_the_20th_and_80th_percentiles(monkeypatch):
+    durations = iter([0.0] + [d / 1e3 for d in (5, 1, 9, 11, 2, 7, 3, 10, 4, 6, 8)])
+    clock = [0.0]
+
+    def fn():
+        clock[0] += next(durations)
+
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+    t = common.time_cpu(fn, warmup_ms=0, rep_ms=0, min_reps=11, max_reps=11)
+    # 1..11 ms: linear-interpolated quantiles 6 (median), 3 (p20), 9 (p80); the mean is 6 too,
+    # so also check a skewed set below.
+    assert (t.ms, t.ms_p20, t.ms_p80) == pytest.approx((6.0, 3.0, 9.0))
+    durations = iter([0.0] + [d / 1e3 for d in (1, 1, 1, 1, 100)])
+    t = common.time_cpu(fn, warmup_ms=0, rep_ms=0, min_reps=5, max_reps=5)
+    assert t.ms == pytest.approx(1.0)  # the median, not the mean (20.8)
+
+
+def test_copy_bandwidth_counts_read_plus_write_in_decimal_gb(monkeypatch):
+    timing = common.Timing(ms=2.0, ms_p20=1.0, ms_p80=4.0, timer=common.TIMER_CPU)
+    monkeypatch.setattr(common, "time_fn", lambda fn, device, **kw: (fn(), timing)[1])
+    bw = common.copy_bandwidth("cpu", nbytes=4096)
+    moved = 2 * 4096
+    assert bw["copy_bytes"] == moved
+    assert bw["copy_gbps"] == pytest.approx(moved / 2.0 / 1e6)
+    assert bw["copy_gbps_p20"] == pytest.approx(moved / 4.0 / 1e6)  # slowest time, lowest GB/s
+    assert bw["copy_gbps_p80"] == pytest.approx(moved / 1.0 / 1e6)
+    assert bw["copy_ms"] == 2.0
+
+
+def test_metadata_takes_the_runs_timestamp(monkeypatch):
+    monkeypatch.setenv("SCCONV_BENCH_TIMESTAMP", "2030-01-02T03:04:05+00:00")
+    assert common.run_timestamp() == "2030-01-02T03:04:05+00:00"
+    assert common.metadata("cpu")["timestamp"] == "2030-01-02T03:04:05+00:00"
+    assert common.metadata("cpu", timestamp="T0")["timestamp"] == "T0"
+
+
+def test_git_commit_is_dirty_for_code_changes_only(tmp_path):
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                       check=True, capture_output=True)  # fmt: skip
+
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("commit", "-q", "-m", "c")
+    clean = common.git_commit(tmp_path)
+    assert clean and "+dirty" not in clean
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "bench" / "results" / "gating.csv").write_text("a\n1\n")
+    assert common.git_commit(tmp_path) == clean  # results are not code
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert common.git_commit(tmp_path) == clean + "+dirty"
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,6 +396,20 @@ def test_gating_modes_compute_the_reference_gradients():
     assert x_cl.is_contiguous(memory_format=torch.channels_last) and not x_cl.is_contiguous()
 
 
+def test_gating_rows_count_the_dtypes_bytes_and_the_runs_copy(tmp_path):
+    layer3 = gating.GATING_SHAPES[4]
+    assert layer3.blocks == {"scnet50": 5, "scnet101": 22}
+    path = gating.run(
+        tmp_path, device="cpu", providers=("eager",), modes=("forward",), batches=(1,),
+        dtypes=("bf16",), shapes=(layer3,), warmup_ms=0, rep_ms=1,
+    )  # fmt: skip
+    row = pd.read_csv(path).iloc[0]
+    bandwidth = pd.read_csv(tmp_path / "bandwidth.csv").iloc[0]
+    assert row["minimal_bytes"] == gating.minimal_bytes(layer3, 1, 2, "forward")  # bf16: 2 bytes
+    assert row["copy_gbps"] == pytest.approx(bandwidth["copy_gbps"])  # the median copy
+    assert (row["blocks_scnet50"], row["blocks_scnet101"]) == (5, 22)
+
+
 # --------------------------------------------------------------------------------------------
 # check (Triton interpreter, correctness only)
 
@@ -405,6 +474,18 @@ def test_check_catches_a_wrong_gate():
         assert not all(r["passed"] for r in rows), impl.__name__
     assert all(r["passed"] for r in check.check_case(shape, 1, "fp32", "nchw", "cpu",
                                                        impl=sc_gate_reference))  # fmt: skip
+
+
+def test_check_adds_the_scnet_shapes_on_a_gpu(tmp_path, monkeypatch):
+    from bench import check
+
+    checked = []
+    monkeypatch.setattr(check, "metadata", lambda device: {"timer": ""})
+    monkeypatch.setattr(check, "check_case",
+                        lambda shape, *a: checked.append(shape.stage) or [])  # fmt: skip
+    check.run(tmp_path, device="cuda")
+    stages = list(dict.fromkeys(checked))
+    assert stages == [s.stage for s in (*check.CHECK_SHAPES, *gating.GATING_SHAPES)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -526,6 +607,49 @@ def test_sweep_cases_are_deduplicated_by_table_key():
     cases = list(sweep.cases(shapes, (4,), ("bf16",), ("nchw", "channels_last")))
     assert len(cases) == 2
     assert {c[-1].split("|")[-1] for c in cases} == {"contiguous", "channels_last"}
+
+
+@NO_CUDA
+def test_sweep_winner_is_the_fastest_correct_median(tmp_path, monkeypatch):
+    import kernels.gate
+    from kernels import configs
+
+    names = {k: [sweep.config_name(c) for c in configs.search_space(k)[:3]]
+             for k in ("forward", "backward")}  # fmt: skip
+    # (ms, p20): config 0 has the lowest p20 but the slowest median; config 1 is the fastest
+    # but its forward result is wrong; config 2 wins.
+    times = [(3.0, 0.5), (1.0, 0.9), (2.0, 1.9)]
+
+    def fake_time(launch, device, **kw):
+        name = sweep.config_name(launch.__defaults__[0])
+        kernel = "forward" if name in names["forward"] else "backward"
+        ms, p20 = times[names[kernel].index(name)]
+        return common.Timing(ms, p20, ms, common.TIMER_CPU)
+
+    real_forward = kernels.gate.gate_forward
+
+    def forward(x, k2, k3, config=None):
+        out = real_forward(x, k2, k3, config=config)
+        return out * 1.01 if sweep.config_name(config) == names["forward"][1] else out
+
+    monkeypatch.setattr(sweep, "time_fn", fake_time)
+    monkeypatch.setattr(kernels.gate, "gate_forward", forward)
+    path = sweep.run(
+        tmp_path, device="cpu", shapes=gating.TINY_SHAPES, batches=(1,), dtypes=("fp32",),
+        layouts=("nchw",), all_configs=True, max_configs=3,
+    )  # fmt: skip
+    frame = pd.read_csv(path)
+    winners = frame[frame.winner].set_index("kernel")["config"].to_dict()
+    assert winners == {"forward": names["forward"][2], "backward": names["backward"][1]}
+    table = configs.load_table(tmp_path / "tuned_configs.json")["interpreter"]
+    for kernel, winner in winners.items():
+        (entry,) = table[kernel].values()
+        assert sweep.config_name(configs.entry_to_config(kernel, entry)) == winner
+    shape = gating.TINY_SHAPES[0]
+    for _, r in frame.iterrows():
+        assert r["gbps"] == pytest.approx(
+            gating.minimal_bytes(shape, 1, 4, r["kernel"]) / r["ms"] / 1e6
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -843,6 +967,97 @@ def test_categorize_events_on_gpu_profiles_counts_kernel_time_once(annotated):
     assert rows[("both", "unattributed")]["time_ms"] == pytest.approx(0.004)
 
 
+def test_ratio_pairs_only_the_same_task_precision_and_layout():
+    rows, expected = [], {}
+    ms = 10.0
+    for task in ("inference", "train"):
+        for precision in ("amp_bf16", "fp32"):
+            for layout in ("channels_last", "nchw"):
+                base = dict(regime="eager", task=task, precision=precision, layout=layout,
+                            batch=2, image_size=128)  # fmt: skip
+                rows.append(dict(base, model="resnet50", gate="none", ms=ms))
+                rows.append(dict(base, model="scnet50", gate="eager", ms=2 * ms + 1))
+                expected[(task, precision, layout)] = (2 * ms + 1) / ms
+                ms += 10.0
+    frame = models.add_ratio_columns(pd.DataFrame(rows))
+    scnet = frame[frame.model == "scnet50"]
+    for _, r in scnet.iterrows():
+        assert r["time_ratio_vs_resnet"] == pytest.approx(
+            expected[(r["task"], r["precision"], r["layout"])]
+        )
+
+
+@NO_CUDA
+def test_measure_reports_images_per_second(monkeypatch, one_thread):
+    timing = common.Timing(ms=4.0, ms_p20=3.0, ms_p80=5.0, timer=common.TIMER_CPU)
+    monkeypatch.setattr(models, "time_fn", lambda *a, **k: timing)
+    case = models.Case("resnet50", "none", "eager", "inference", "fp32", "nchw", 2, 32)
+    row = models.measure(case, _tiny_model("resnet50", "none", "cpu", "nchw"), "cpu", {})
+    assert row["img_per_s"] == pytest.approx(2 / 4.0 * 1e3)
+
+
+@NO_CUDA
+def test_op_breakdown_is_per_iteration(monkeypatch, one_thread):
+    fixed = [{"pass": p, "category": c, "time_ms": 10.0, "n_ops": 4}
+             for p in ("forward", "backward") for c in models.CATEGORIES]  # fmt: skip
+    monkeypatch.setattr(models, "categorize_events", lambda events, use_device_time: fixed)
+    case = models.Case("resnet50", "none", "eager", "train", "fp32", "nchw", 2, 32)
+    rows = models.op_breakdown(_tiny_model("resnet50", "none", "cpu", "nchw"), case, "cpu", 2)
+    assert {(r["time_ms"], r["n_ops"]) for r in rows} == {(5.0, 2)}
+
+
+def test_breakdown_profiles_a_trainable_batch_and_bytes_count_the_headline(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(models, "build_model", lambda *a: None)
+    monkeypatch.setattr(models, "op_breakdown", lambda m, case, *a, **k: seen.append(case) or [])
+    settings = dict(models._defaults("cuda"), gates=("eager",), batches=(1, 32))
+    progress = common.Progress("t", 1)
+    models._run_breakdown(tmp_path, {}, settings, "cpu", progress, [])
+    assert {c.batch for c in seen} == {models.MIN_TRAIN_BATCH}
+    import bench.opcount
+
+    asked = {}
+
+    def bytes_table(names, **kwargs):
+        asked.update(kwargs)
+        raise RuntimeError("recorded")
+
+    monkeypatch.setattr(bench.opcount, "bytes_table", bytes_table)
+    settings = dict(models._defaults("cuda"))  # batches (256, 32, 1), amp_bf16, channels_last
+    with pytest.raises(RuntimeError, match="recorded"):
+        models._write_bytes_moved(tmp_path, {}, settings)
+    assert (asked["batch"], asked["dtype"], asked["layout"]) == (256, "bf16", "channels_last")
+
+
+@NO_CUDA
+def test_models_budget_keeps_a_margin_and_the_slowest_cost(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "_write_op_counts", lambda *a: None)
+    monkeypatch.setattr(models, "_write_bytes_moved", lambda *a: None)
+    monkeypatch.setattr(models, "build_model", lambda *a: None)
+
+    def fake_measure(case, model, device, timing):
+        time.sleep(0.3 if case.model == "scnet50" else 0.05)
+        return dict(vars(case), ms=1.0, ms_p20=1.0, ms_p80=1.0, img_per_s=1.0,
+                    peak_mem_mib=float("nan"), first_call_s=0.0, cudnn_benchmark=False)  # fmt: skip
+
+    monkeypatch.setattr(models, "measure", fake_measure)
+    spent_seen = []
+    real_estimate = models._estimate
+    monkeypatch.setattr(models, "_estimate",
+                        lambda case, device, spent: spent_seen.append(spent) or real_estimate(
+                            case, device, spent))  # fmt: skip
+    grid = dict(models=("scnet50", "resnet50"), regimes=("eager",), tasks=("inference",),
+                batches=(2,), image_size=64)  # fmt: skip
+    models.run(tmp_path, device="cpu", breakdown=False, **grid)
+    spent = spent_seen[-1]
+    assert spent[(False, "inference")] == max(spent[(False, "inference", "scnet50")],
+                                              spent[(False, "inference", "resnet50")])  # fmt: skip
+    # 6 s guessed per case: a budget of 7 s holds it, but not its 25 % margin.
+    monkeypatch.setattr(models, "measure", lambda *a: pytest.fail("should be skipped"))
+    models.run(tmp_path / "b", device="cpu", breakdown=False, budget_s=7, **grid)
+    assert len(pd.read_csv(tmp_path / "b" / "models_skipped.csv")) == 2
+
+
 # --------------------------------------------------------------------------------------------
 # plots and summary from small synthetic CSVs
 
@@ -958,6 +1173,43 @@ def test_summary_reports_the_tests_stage(tmp_path, log, expected):
     assert line.startswith("tests (pytest.log): ") and expected in line
     assert ("<--" in line) == ("failed" in log or not log or "[ 40%]" in log)
     assert line in summary.summarize(tmp_path)  # also with no CSV at all
+
+
+def test_summary_spread_is_p80_minus_p20(tmp_path):
+    _synthetic_results(tmp_path)
+    frame = pd.read_csv(tmp_path / "models.csv")
+    frame["ms_p20"] = frame["ms"] * 0.85
+    frame["ms_p80"] = frame["ms"] * 1.1  # (p80 - p20) / ms = 25 %: noisy; (p80 - ms) / ms = 10 %
+    frame.to_csv(tmp_path / "models.csv", index=False)
+    assert summary.summarize(tmp_path).count("<-- noisy") == len(frame)
+
+
+def test_summary_flags_a_test_run_with_errors(tmp_path):
+    (tmp_path / "pytest.log").write_text("3 passed, 1 error in 2.00s\n")
+    assert summary.test_result(tmp_path).endswith("<-- FAILURES")
+
+
+def test_readme_models_table_lists_scnets_only(tmp_path):
+    _synthetic_results(tmp_path)
+    text = summary.readme_tables(tmp_path)
+    assert "| scnet50 [eager] | eager | inference |" in text
+    assert "| resnet50 | eager |" not in text
+
+
+def test_models_subset_is_the_first_rows_precision(tmp_path):
+    rows = [dict(model="resnet50", gate="none", regime="eager", task="inference", precision=p,
+                 layout="nchw", batch=2, ms=1.0, img_per_s=1.0, image_size=224)
+            for p in ("amp_bf16", "fp32")]  # fmt: skip
+    _, label = plots.models_subset(pd.DataFrame(rows))
+    assert label.startswith("amp_bf16,")
+
+
+def test_sweep_heat_map_is_relative_to_each_cases_best(tmp_path):
+    common_ = dict(kernel="forward", table_key="k", stage="s", batch=1, dtype="fp32", layout="nchw")
+    rows = [dict(common_, config=c, ms=ms, correct=True) for c, ms in (("a", 2.0), ("b", 4.0))]
+    figure = plots.plot_sweep(pd.DataFrame(rows))
+    values = sorted(figure.axes[0].images[0].get_array().ravel().tolist())
+    assert values == [1.0, 2.0]
 
 
 def test_gpu_plan_runs_the_cuda_test_files_first(tmp_path):
@@ -1199,6 +1451,65 @@ def test_a_stage_that_ignores_sigterm_is_killed(tmp_path, slow_stage, monkeypatc
     assert "still running 1s after SIGTERM: SIGKILL" in capfd.readouterr().err
     # Killed, so only the rows the writer had flushed itself are there.
     assert pd.read_csv(tmp_path / "slow.csv")["i"].tolist() == [0]
+
+
+def _fake_orchestrator(monkeypatch, stages, costs, gpu=False):
+    from bench import __main__ as orchestrator
+
+    clock = [1000.0]
+    calls = []
+
+    def run_stage(stage, out, env, budget_s, deadline=None):
+        calls.append((stage.name, budget_s, None if deadline is None else deadline - 1000.0))
+        clock[0] += costs[stage.name]
+        return orchestrator.DONE, costs[stage.name]
+
+    monkeypatch.setattr(orchestrator, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(orchestrator, "plan", lambda *a: stages)
+    monkeypatch.setattr(orchestrator, "run_stage", run_stage)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    return orchestrator, calls
+
+
+def test_stage_budgets_are_shares_of_what_is_left_and_end_at_the_deadline(tmp_path, monkeypatch,
+                                                                          capsys):  # fmt: skip
+    from bench.__main__ import Stage
+
+    stages = [Stage("a", ["x"], share=0.5), Stage("b", ["x"], share=1.0), Stage("c", ["x"])]
+    orchestrator, calls = _fake_orchestrator(monkeypatch, stages, {"a": 40, "b": 10, "c": 1})
+    orchestrator.main(["--out", str(tmp_path), "--budget-s", "100"])
+    assert calls == [("a", 50.0, None), ("b", 60.0, None), ("c", None, None)]
+    calls.clear()
+    orchestrator.main(["--out", str(tmp_path), "--budget-s", "100", "--deadline-s", "70"])
+    assert [c[1] for c in calls] == [50.0, 30.0, None]  # b: min(60 left, 30 to the deadline)
+    calls.clear()
+    orchestrator.main(["--out", str(tmp_path)])  # CPU mode: 480 s by default
+    assert calls[0][1] == 240.0
+    calls.clear()
+    capsys.readouterr()
+    orchestrator.main(["--out", str(tmp_path), "--deadline-s", "30"])  # a runs past it
+    assert [c[0] for c in calls] == ["a"]
+    assert "not run (deadline passed): b, c" in capsys.readouterr().out
+
+
+def test_the_last_measuring_stage_takes_all_the_budget_left(tmp_path):
+    from bench import __main__ as orchestrator
+
+    for gpu in (True, False):
+        measuring = [s for s in orchestrator.plan(tmp_path, gpu, False) if s.share]
+        assert measuring[-1].name == "models" and measuring[-1].share == 1.0
+
+
+def test_a_cap_past_the_deadline_does_not_extend_it(tmp_path):
+    from bench import __main__ as orchestrator
+
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    (modules / "sleeper.py").write_text("import time\ntime.sleep(30)\n")
+    env = dict(os.environ, PYTHONPATH=str(modules))
+    stage = orchestrator.Stage("s", ["sleeper"], cap_s=100)
+    status, seconds = orchestrator.run_stage(stage, tmp_path, env, None, time.monotonic() + 2)
+    assert status == orchestrator.STOPPED and seconds < 20
 
 
 # --------------------------------------------------------------------------------------------
