@@ -14,12 +14,14 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 from pathlib import Path
 
 import pytest
 import torch
 
 import scconv
+from scconv import gating
 
 REPO = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
@@ -163,3 +165,16 @@ def test_compile_imports_the_op_while_tracing():
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
+
+
+def test_auto_gate_follows_the_tensor_not_the_machine(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert gating.resolve_gate("auto", torch.zeros(1)) == "eager"
+    assert gating.resolve_gate("auto", types.SimpleNamespace(is_cuda=True)) == "triton"
+    assert gating.resolve_gate("eager", types.SimpleNamespace(is_cuda=True)) == "eager"
+
+
+def test_sc_gate_refuses_an_unknown_name():
+    x = torch.randn(1, 2, 4, 4)
+    with pytest.raises(ValueError, match="unknown gate 'fast'"):
+        scconv.sc_gate(x, x[..., :2, :2], x, gate="fast")

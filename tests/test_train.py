@@ -14,13 +14,16 @@ import shutil
 import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 import scconv
+from scconv import data as scdata
 from scconv import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -420,6 +423,14 @@ def test_bad_input_names_the_gate_interpreter(two_classes, capsys, monkeypatch):
     assert "TRITON_INTERPRET='0': unset it or set TRITON_INTERPRET=1" in capsys.readouterr().err
 
 
+def test_cli_gate_default_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("SCCONV_GATE", "eager")
+    parser = train.build_parser()
+    args = parser.parse_args(["--dummy", "--image-size", "128"])
+    train.check_args(args, parser)
+    assert args.gate == "eager"
+
+
 def test_image_size_too_small(two_classes, tmp_path, capsys, monkeypatch):
     """Found once the model exists: SCNet-50 needs at least 97 px at pooling_r = 4."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -549,6 +560,13 @@ def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_upper_case_extensions_count_as_images(tmp_path):
+    for split in ("train", "val"):
+        (tmp_path / split / "n01440764").mkdir(parents=True)
+        (tmp_path / split / "n01440764" / "n01440764_10026.JPEG").write_bytes(b"")
+    assert scdata.check_image_folders(str(tmp_path), False, 1000) == ["n01440764"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 
@@ -637,6 +655,184 @@ def test_rng_state_resumes_on_a_machine_with_fewer_gpus(monkeypatch):
     laptop.states[0] = torch.tensor([7], dtype=torch.uint8)
     train._set_rng_state(saved, torch.device("cpu"))
     assert laptop.states[0].tolist() == [7]
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop's bookkeeping, in this process: top-k counts, sums over ranks, shards, the learning
+# rate each step used, the sampler's epoch, the best checkpoint across a resume.
+# ---------------------------------------------------------------------------------------------
+
+LOGITS = torch.tensor(
+    [  # 6 classes, so top-5 is not "everything"
+        [9.0, 1, 2, 3, 4, 5],  # target 0: top-1 hit
+        [9.0, 1, 2, 3, 4, 5],  # target 5: top-5 hit only
+        [9.0, 8, 7, 6, 5, 0],  # target 5: miss (rank 6)
+        [0.0, 9, 1, 2, 3, 4],  # target 1: top-1 hit
+        [5.0, 4, 3, 2, 1, 9],  # target 1: top-5 hit only (the partial last batch)
+    ]
+)
+TARGETS = torch.tensor([0, 5, 5, 1, 1])
+
+
+def test_correct_counts_are_top1_then_top5():
+    assert train.correct_counts(LOGITS, TARGETS) == [2, 4]
+    assert train.correct_counts(LOGITS, TARGETS, topk=(1, 2, 6)) == [2, 3, 5]
+
+
+class TableModel(nn.Module):
+    """Sample i's logits are LOGITS[i]: its input is its index."""
+
+    def forward(self, x):
+        return LOGITS[x.long().view(-1)]
+
+
+def _ctx(distributed=False):
+    args = argparse.Namespace(amp="none", channels_last=False, limit_batches=None, print_freq=10)
+    launch = train.Launch(distributed, 2 if distributed else 1, 0, 0, 1, None, None, "gloo", False)
+    return train.Context(args, launch, 0, torch.device("cpu"), train.Log(False))
+
+
+def _val_loader():
+    dataset = torch.utils.data.TensorDataset(torch.arange(5.0).view(5, 1), TARGETS)
+    return torch.utils.data.DataLoader(dataset, batch_size=2)  # batches of 2, 2 and 1
+
+
+def test_validate_weights_every_image_once_with_a_partial_last_batch():
+    result = train.validate(_val_loader(), TableModel(), nn.CrossEntropyLoss(), _ctx())
+    assert result["images"] == 5
+    assert result["acc1"] == pytest.approx(100 * 2 / 5) and result["acc5"] == pytest.approx(80.0)
+    expected_loss = nn.functional.cross_entropy(LOGITS, TARGETS).item()  # mean over 5 images
+    assert result["loss"] == pytest.approx(expected_loss)
+
+
+def test_validate_sums_counts_over_ranks(monkeypatch):
+    """Another rank with the same shard: counts double, rates stay (a sum, not rank 0's alone)."""
+    monkeypatch.setattr(train.dist, "all_reduce", lambda t, *a, **k: t.mul_(2))
+    result = train.validate(_val_loader(), TableModel(), nn.CrossEntropyLoss(), _ctx(True))
+    assert result["images"] == 10
+    assert result["acc1"] == pytest.approx(40.0) and result["acc5"] == pytest.approx(80.0)
+
+
+# --- Loaders: per-rank shards ---------------------------------------------------------------------
+
+
+def test_loaders_shard_train_and_val_by_rank():
+    train_set, val_set = list(range(10)), list(range(5))
+    seen_val, seen_train = [], []
+    for rank in (0, 1):
+        train_loader, sampler, val_loader = scdata.make_loaders(
+            train_set, val_set, 2, 0, True, rank, 2, pin_memory=False
+        )
+        sampler.set_epoch(0)
+        seen_train.append([int(i) for b in train_loader for i in b])
+        seen_val.append([int(i) for b in val_loader for i in b])
+    assert sorted(seen_val[0] + seen_val[1]) == list(range(5))  # each val image once, no padding
+    assert sorted(seen_train[0] + seen_train[1]) == list(range(10))  # disjoint train shards
+    assert seen_train[0] != sorted(seen_train[0]) or seen_train[1] != sorted(seen_train[1])
+    torch.manual_seed(0)
+    single, sampler, _ = scdata.make_loaders(train_set, val_set, 2, 0, False, 0, 1, False)
+    order = [int(i) for b in single for i in b]
+    assert sampler is None and sorted(order) == train_set and order != train_set  # shuffled
+
+
+# --- metrics.jsonl on resume ----------------------------------------------------------------------
+
+
+def test_rewrite_metrics_keeps_only_epochs_before_the_resumed_one(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"epoch": e}) + "\n" for e in range(3)))
+    train._rewrite_metrics(str(path), 1)
+    assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == [0]
+
+
+# --- the epoch loop: LR actually used, set_epoch, --start-epoch, best tracking --------------------
+
+# One step an epoch (validate() is scripted by loop_spy).
+SPY_RUN = [*SMALL_RUN[:4], "-b", "2", "--num-classes", "2", "--limit-batches", "1"]
+
+
+@pytest.fixture
+def loop_spy(tmp_path, monkeypatch):
+    """main() in this process as one gloo rank (so the DistributedSampler path runs); records
+    set_epoch calls and the learning rate of every optimizer step; validate() is scripted."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    spy = types.SimpleNamespace(epochs=[], step_lrs=[], val=[])
+    real_plan = train.plan_launch
+
+    def plan(args, environ=None):
+        real_plan(args)  # its checks still run
+        url = f"tcp://127.0.0.1:{train._free_loopback_port()}"
+        return train.Launch(True, 1, 0, 0, 1, None, url, "gloo", False)
+
+    monkeypatch.setattr(train, "plan_launch", plan)
+    real_set_epoch = torch.utils.data.DistributedSampler.set_epoch
+    monkeypatch.setattr(
+        torch.utils.data.DistributedSampler,
+        "set_epoch",
+        lambda self, e: (spy.epochs.append(e), real_set_epoch(self, e))[1],
+    )
+    real_step = torch.optim.SGD.step
+
+    def step(self, *a, **k):
+        spy.step_lrs.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+
+    def validate(loader, model, criterion, ctx):
+        return spy.val.pop(0)
+
+    monkeypatch.setattr(train, "validate", validate)
+    spy.data = draw_image_folder(tmp_path / "data", ["blue_checks", "red_rows"], 2, 2)
+    spy.out = tmp_path / "out"
+    return spy
+
+
+def _val(acc1, acc5):
+    return {"loss": 1.0, "acc1": acc1, "acc5": acc5, "images": 4}
+
+
+def test_start_epoch_sets_the_schedule_and_the_sampler_epoch(loop_spy):
+    """--start-epoch 2 at --lr-step-size 1 --lr-gamma 0.5: epoch 2 trains at lr / 4, and the
+    sampler is told epoch 2; the recorded lr is the one the steps used."""
+    loop_spy.val = [_val(50, 50)]
+    train.main([str(loop_spy.data), *SPY_RUN, "--lr", "0.01", "--lr-step-size", "1",
+                "--lr-gamma", "0.5", "--start-epoch", "2", "--epochs", "3",
+                "--output", str(loop_spy.out)])  # fmt: skip
+    assert loop_spy.epochs == [2]
+    assert loop_spy.step_lrs == [pytest.approx(0.0025)]
+    record = json.loads((loop_spy.out / "metrics.jsonl").read_text())
+    assert record["epoch"] == 2 and record["lr"] == pytest.approx(0.0025)
+
+
+def test_best_checkpoint_follows_val_top1_across_a_resume(loop_spy):
+    out = loop_spy.out
+    common = [str(loop_spy.data), *SPY_RUN, "--output", str(out)]
+    # top-1 50, 50 (a tie is not better; top-5 rising is not the metric), then 70
+    loop_spy.val = [_val(50, 60), _val(50, 90), _val(70, 70)]
+    train.main([*common, "--epochs", "3"])
+    assert loop_spy.epochs == [0, 1, 2]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["is_best"] for r in records] == [True, False, True]
+    best = torch.load(out / "model_best.pth", map_location="cpu", weights_only=True)
+    assert best["epoch"] == 3 and best["best_acc1"] == 70  # this epoch's state, not the last one
+    # Resumed: the best so far (70) comes from the checkpoint; 40 neither improves nor lowers it.
+    loop_spy.val = [_val(40, 100)]
+    train.main([*common, "--epochs", "4", "--resume", str(out / "checkpoint.pth")])
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert (record["epoch"], record["is_best"], record["best_acc1"]) == (3, False, 70)
+    best = torch.load(out / "model_best.pth", map_location="cpu", weights_only=True)
+    assert best["epoch"] == 3
+
+
+def test_images_per_process_is_the_floor_of_the_node_batch():
+    def per_process(batch_size, procs):
+        launch = train.Launch(True, procs, 0, procs, procs, None, None, "gloo", False)
+        return train.images_per_process(argparse.Namespace(batch_size=batch_size), launch)
+
+    assert (per_process(5, 2), per_process(3, 2), per_process(4, 1)) == (2, 1, 4)
+    with pytest.raises(train.UsageError, match="--batch-size 1 is smaller than the 2 processes"):
+        per_process(1, 2)
 
 
 # ---------------------------------------------------------------------------------------------
