@@ -1056,6 +1056,16 @@ def test_ddp_with_multiprocessing_distributed(two_classes, tmp_path):
     stdout = check_ok(result)
     check_ddp_output(out, stdout)
     assert re.search(r"tcp://127\.0\.0\.1:\d+", stdout)
+    # Both ranks validated with rank 0's BatchNorm statistics, the checkpoint's (each rank's own
+    # drift apart in training): one process validating the checkpoint on the whole of val gets
+    # the loss the two ranks reported together.
+    _, val_set = scdata.image_folder_datasets(str(two_classes), int(IMAGE_SIZE), evaluate=True)
+    model = scconv.create_model("scnet50", num_classes=2, gate="eager")
+    scconv.load_weights(model, str(out / "checkpoint.pth"))
+    loader = torch.utils.data.DataLoader(val_set, batch_size=4)
+    val = train.validate(loader, model, nn.CrossEntropyLoss(), _ctx())
+    assert val["images"] == 4
+    assert val["loss"] == pytest.approx(read_metrics(out)[0]["val_loss"], rel=1e-4)
 
 
 def test_dummy_data_channels_last_bf16(tmp_path):
