@@ -309,6 +309,12 @@ def test_launch_plans_are_cached_by_every_input_of_the_plan(monkeypatch):
         assert args == fresh_args and constexprs == fresh_constexprs
         seen.add((args[4:], tuple(constexprs.items()), table_key))
     assert len(seen) == len(cases) == len(gate._FORWARD_PLANS)  # each case its own plan
+    for x_, k2_, k3_, _ in cases:  # the backward's plans, by the same inputs
+        tensors = (x_, x_, k2_, k3_, *(gate.empty_like_layout(t) for t in (x_, k2_, k3_)))
+        args, constexprs, _ = gate.backward_launch_arguments(*tensors)
+        scalars, fresh_constexprs, _, _ = gate._backward_plan(*tensors)
+        assert args == (*tensors, *scalars) and constexprs == fresh_constexprs
+    assert len(gate._BACKWARD_PLANS) == len(cases)
 
     grads = [gate.empty_like_layout(t) for t in (x, k2, x)]
     assert not gate.backward_launch_arguments(x, x, k2, x, *grads)[1]["WIDE_INDEX"]
