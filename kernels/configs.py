@@ -241,14 +241,19 @@ def entry_to_config(kernel: str, entry: dict, where: str = "table entry") -> tri
     _check_kernel(kernel)
     wanted = set(META_PARAMETERS[kernel])
     kwargs = entry.get("kwargs") if isinstance(entry, dict) else None
-    if not isinstance(kwargs, dict) or set(kwargs) != wanted:
+    counts = [entry.get(name) for name in ("num_warps", "num_stages")] if kwargs else []
+    values = [*kwargs.values(), *counts] if isinstance(kwargs, dict) else []
+    # Every value a positive integer (JSON's true is an int to Python: refused too).
+    if (
+        not isinstance(kwargs, dict)
+        or set(kwargs) != wanted
+        or not all(type(v) is int and v > 0 for v in values)
+    ):
         raise ValueError(
             f"{where}: expected {{'kwargs': {{{', '.join(sorted(wanted))}}}, 'num_warps', "
-            f"'num_stages'}}, got {entry!r}"
+            f"'num_stages'}} of positive integers, got {entry!r}"
         )
-    return triton.Config(
-        dict(kwargs), num_warps=int(entry["num_warps"]), num_stages=int(entry["num_stages"])
-    )
+    return triton.Config(dict(kwargs), num_warps=counts[0], num_stages=counts[1])
 
 
 _table_cache: dict = {}  # path -> (mtime_ns, table)

@@ -1099,3 +1099,28 @@ def test_cuda_fused_ops_on_a_second_gpu():
     for got, ref in zip(torch.ops.scconv.relu_split_pool(out, 4, 4),
                         _relu_split_pool_eager(out, 4, 4), strict=True):  # fmt: skip
         torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_opcount_table_columns(capsys):
+    opcount.main(["resnet50", "scnet50"])
+    lines = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:]}
+    assert lines["resnet50"][1:] == ["176", "105", "105", "40%"]  # no gate: triton = optimized
+    assert lines["scnet50"][1:] == ["432", "217", "169", "50%"]
+    table = opcount.breakdown("resnet50").set_index("op")
+    assert table.loc["total"].tolist() == [176, 105]
+    assert table.drop("total").sum().tolist() == [176, 105]
+
+
+def test_bytes_breakdown_adds_reads_and_writes():
+    table = opcount.bytes_table(("resnet50",), size=64)
+    parts = opcount.bytes_breakdown("resnet50", size=64).set_index("op")
+    for column in ("original_gb", "optimized_gb"):
+        total = parts.loc["total", column]
+        assert total == pytest.approx(table.loc[0, column], abs=1e-3)
+        assert parts.drop("total")[column].sum() == pytest.approx(total, abs=0.002)
+    assert 0 < int(table.loc[0, "saved"].rstrip("%")) < 50  # 9 %: folding saves, not keeps
+
+
+def test_opcount_bytes_defaults_to_fp32(capsys):
+    opcount.main(["resnet50", "--bytes", "--size", "64"])
+    assert "fp32" in capsys.readouterr().out

@@ -8,6 +8,8 @@ autotuning, the tuned table) run too; without one those are skipped.
 
 import json
 import os
+import re
+import stat
 import subprocess
 import sys
 import textwrap
@@ -700,6 +702,22 @@ def test_backward_fake_strides_match_the_real_ones_for_mixed_layouts():
     assert real[0].stride() != real[2].stride()  # the layouts really differ
 
 
+def test_fake_kernels_check_inputs():
+    """torch.compile meets the fake kernels only: they raise the real errors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, k2, k3, grad = make_inputs(1, 2, 6, 5, 2, 2)
+    k2 = k2[:, :1].clone()  # one channel for x's two
+    with pytest.raises(ValueError) as real:
+        gate.check_inputs(x, k2, k3)
+    with FakeTensorMode() as mode:
+        fx, fk2, fk3, fg = (mode.from_tensor(t) for t in (x, k2, k3, grad))
+        with pytest.raises(ValueError, match=re.escape(str(real.value))):
+            torch.ops.scconv.sc_gate(fx, fk2, fk3)
+        with pytest.raises(ValueError, match=re.escape(str(real.value))):
+            torch.ops.scconv.sc_gate_backward(fg, fx, fk2, fk3)
+
+
 def test_torch_compile_fullgraph_matches():
     x, k2, k3, grad = make_inputs(2, 3, 9, 10, 3, 2)
 
@@ -863,6 +881,59 @@ def test_table_errors_name_the_problem(tmp_path):
         configs.save_table([], path)
 
 
+def test_table_rejects_non_objects_and_malformed_entries(tmp_path):
+    path = tmp_path / "tuned.json"
+    path.write_text("[]")
+    with pytest.raises(ValueError, match="must hold a JSON object"):
+        configs.load_table(path)
+    full = {"kwargs": {"BLOCK_C": 1, "BLOCK_HW": 1024}, "num_warps": 4, "num_stages": 3}
+    assert configs.entry_to_config("forward", full).num_stages == 3
+    bad = [
+        {**full, "kwargs": {**full["kwargs"], "BLOCK_Q": 4}},  # a backward parameter too
+        {k: v for k, v in full.items() if k != "num_stages"},
+        {**full, "num_warps": "four"},
+        {**full, "num_warps": True},
+        {**full, "kwargs": {**full["kwargs"], "BLOCK_C": 0}},
+    ]
+    for entry in bad:
+        with pytest.raises(ValueError, match="where: expected .* of positive integers"):
+            configs.entry_to_config("forward", entry, where="where")
+    with pytest.raises(ValueError, match="unknown kernel"):
+        configs.lookup("sideways", "GPU", "key", path=tmp_path / "absent.json")
+
+
+def test_save_table_is_world_readable_and_leaves_nothing_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "tuned.json"
+    old = os.umask(0o022)
+    try:
+        configs.save_table({}, path)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # not mkstemp's 0600
+
+    def full_disk(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(configs.os, "replace", full_disk)
+    with pytest.raises(OSError, match="disk full"):
+        configs.save_table({"GPU": {}}, path)
+    assert list(tmp_path.iterdir()) == [path] and configs.load_table(path) == {}
+
+
+def test_table_key_calls_ambiguous_strides_contiguous():
+    k2 = torch.empty(1, 1, 2, 2)
+    for shape in ((1, 1, 4, 4), (2, 8, 1, 1)):  # both NCHW- and channels_last-contiguous
+        assert configs.table_key(torch.empty(shape), k2).endswith("|contiguous"), shape
+
+
+def test_prune_bounds_backward_tiles_by_k2_width_rounded_up():
+    prune = configs.prune_for_layout("backward")
+    space = configs.search_space("backward")
+    common = {"C": 64, "H": 56, "W": 56, "stride_xc": 56 * 56}
+    assert {"BLOCK_C": 1, "BLOCK_Q": 16} in [c.kwargs for c in prune(space, {**common, "w": 14})]
+    assert max(c.kwargs["BLOCK_Q"] for c in prune(space, {**common, "w": 2})) == 2
+
+
 def test_shipped_table_is_valid():
     table = configs.load_table()
     assert isinstance(table, dict)
@@ -930,6 +1001,30 @@ def test_interpreter_switched_off_without_gpu_raises_helpful_error():
     assert result.returncode != 0
     assert "RuntimeError" in result.stderr
     assert "TRITON_INTERPRET=1" in result.stderr and "import `kernels`" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "value, expected", [("TRUE", True), (" on", True), ("0", False), ("", False)]
+)
+def test_interpreter_requested_reads_triton_words(monkeypatch, value, expected):
+    from kernels import runtime
+
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert runtime.interpreter_requested() is expected
+
+
+def test_compiled_kernels_need_a_gpu_and_cuda_tensors(monkeypatch):
+    from kernels import runtime
+
+    monkeypatch.setattr(runtime, "cuda_present", lambda: True)
+    runtime.require_launchable(False, torch.device("cuda"), "op", "use X")
+    runtime.require_launchable(True, torch.device("cpu"), "op", "use X")
+    for device in ("cpu", "meta"):
+        with pytest.raises(ValueError, match=f"op: .* got tensors on {device}; .* or use X"):
+            runtime.require_launchable(False, torch.device(device), "op", "use X")
+    monkeypatch.setattr(runtime, "cuda_present", lambda: False)
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        runtime.require_runnable(False)
 
 
 @pytest.mark.skipif(CUDA, reason="the interpreter is checked only where it runs")

@@ -469,3 +469,11 @@ def test_summary_cli(capsys):
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and "python -m scconv summary: error:" in err, argv
         assert message in err, err
+
+
+def test_summary_defaults_to_every_model_and_names_the_input():
+    from scconv.summary import summary
+
+    table = summary(size=128)
+    assert list(table["model"]) == scconv.list_models()
+    assert (table["input"] == "128x128").all()
