@@ -1274,22 +1274,18 @@ def test_a_test_run_past_its_cap_still_reports_what_passed(workers, tmp_path, ca
     assert "stopping it (SIGINT)" in capfd.readouterr().err
 
 
-def test_a_stage_started_with_sigint_ignored_gets_it_back(tmp_path):
+def test_a_stage_started_with_sigint_ignored_gets_it_back(tmp_path, monkeypatch):
     """A shell starts background jobs with SIGINT ignored (``bench/gpu.sh OUT &``), and exec keeps
     it ignored: without run_stage's reset, the tests stage's pytest would not stop on the SIGINT
     that ends it at its cap, and would print no result line."""
     from bench import __main__ as orchestrator
 
-    modules = tmp_path / "modules"
-    modules.mkdir()
-    (modules / "sigint_probe.py").write_text(
-        "import signal\nprint('handler:', signal.getsignal(signal.SIGINT).__name__)\n"
-    )
-    env = dict(os.environ, PYTHONPATH=str(modules))
-    stage = orchestrator.Stage("probe", ["sigint_probe"], log_file="probe.log")
+    probe = "import signal\nprint('handler:', signal.getsignal(signal.SIGINT).__name__)\n"
+    name = stage_module(tmp_path, monkeypatch, "sigint_probe", probe)
+    stage = orchestrator.Stage("probe", [name], log_file="probe.log")
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a background job
     try:
-        status, _ = orchestrator.run_stage(stage, tmp_path, env, None, None)
+        status, _ = orchestrator.run_stage(stage, tmp_path, dict(os.environ), None, None)
     finally:
         signal.signal(signal.SIGINT, previous)
     assert status == orchestrator.DONE
@@ -1344,16 +1340,21 @@ time.sleep(120)
 """
 
 
-@pytest.fixture
-def slow_stage(tmp_path, monkeypatch):
-    """The module name of ``_SLOW_STAGE``, importable by stage processes (via $PYTHONPATH)."""
+def stage_module(tmp_path, monkeypatch, name: str, source: str) -> str:
+    """``name``, a module of ``source`` importable by stage processes (via $PYTHONPATH)."""
     modules = tmp_path / "modules"
-    modules.mkdir()
-    (modules / "slow_stage.py").write_text(_SLOW_STAGE)
+    modules.mkdir(exist_ok=True)
+    (modules / f"{name}.py").write_text(source)
     inherited = os.environ.get("PYTHONPATH")  # e.g. `make test-compat`'s older torch
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), str(modules),
                                                                    inherited])))  # fmt: skip
-    return "slow_stage"
+    return name
+
+
+@pytest.fixture
+def slow_stage(tmp_path, monkeypatch):
+    """The module name of ``_SLOW_STAGE``, importable by stage processes."""
+    return stage_module(tmp_path, monkeypatch, "slow_stage", _SLOW_STAGE)
 
 
 def test_sigterm_writes_the_rows_a_stage_holds(tmp_path, slow_stage):
@@ -1503,15 +1504,13 @@ def test_the_last_measuring_stage_takes_all_the_budget_left(tmp_path):
         assert measuring[-1].name == "models" and measuring[-1].share == 1.0
 
 
-def test_a_cap_past_the_deadline_does_not_extend_it(tmp_path):
+def test_a_cap_past_the_deadline_does_not_extend_it(tmp_path, monkeypatch):
     from bench import __main__ as orchestrator
 
-    modules = tmp_path / "modules"
-    modules.mkdir()
-    (modules / "sleeper.py").write_text("import time\ntime.sleep(30)\n")
-    env = dict(os.environ, PYTHONPATH=str(modules))
-    stage = orchestrator.Stage("s", ["sleeper"], cap_s=100)
-    status, seconds = orchestrator.run_stage(stage, tmp_path, env, None, time.monotonic() + 2)
+    name = stage_module(tmp_path, monkeypatch, "sleeper", "import time\ntime.sleep(30)\n")
+    stage = orchestrator.Stage("s", [name], cap_s=100)
+    deadline = time.monotonic() + 2
+    status, seconds = orchestrator.run_stage(stage, tmp_path, dict(os.environ), None, deadline)
     assert status == orchestrator.STOPPED and seconds < 20
 
 
