@@ -241,19 +241,17 @@ def entry_to_config(kernel: str, entry: dict, where: str = "table entry") -> tri
     _check_kernel(kernel)
     wanted = set(META_PARAMETERS[kernel])
     kwargs = entry.get("kwargs") if isinstance(entry, dict) else None
-    counts = [entry.get(name) for name in ("num_warps", "num_stages")] if kwargs else []
-    values = [*kwargs.values(), *counts] if isinstance(kwargs, dict) else []
-    # Every value a positive integer (JSON's true is an int to Python: refused too).
-    if (
-        not isinstance(kwargs, dict)
-        or set(kwargs) != wanted
-        or not all(type(v) is int and v > 0 for v in values)
-    ):
+    valid = isinstance(kwargs, dict) and set(kwargs) == wanted
+    if valid:
+        num_warps, num_stages = entry.get("num_warps"), entry.get("num_stages")
+        # Every value a positive integer (JSON's true is an int to Python: refused too).
+        valid = all(type(v) is int and v > 0 for v in (*kwargs.values(), num_warps, num_stages))
+    if not valid:
         raise ValueError(
             f"{where}: expected {{'kwargs': {{{', '.join(sorted(wanted))}}}, 'num_warps', "
             f"'num_stages'}} of positive integers, got {entry!r}"
         )
-    return triton.Config(dict(kwargs), num_warps=counts[0], num_stages=counts[1])
+    return triton.Config(dict(kwargs), num_warps=num_warps, num_stages=num_stages)
 
 
 _table_cache: dict = {}  # path -> (mtime_ns, table)

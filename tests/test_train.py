@@ -801,7 +801,7 @@ def test_start_epoch_sets_the_schedule_and_the_sampler_epoch(loop_spy):
                 "--output", str(loop_spy.out)])  # fmt: skip
     assert loop_spy.epochs == [2]
     assert loop_spy.step_lrs == [pytest.approx(0.0025)]
-    record = json.loads((loop_spy.out / "metrics.jsonl").read_text())
+    (record,) = read_metrics(loop_spy.out)
     assert record["epoch"] == 2 and record["lr"] == pytest.approx(0.0025)
 
 
@@ -812,17 +812,16 @@ def test_best_checkpoint_follows_val_top1_across_a_resume(loop_spy):
     loop_spy.val = [_val(50, 60), _val(50, 90), _val(70, 70)]
     train.main([*common, "--epochs", "3"])
     assert loop_spy.epochs == [0, 1, 2]
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(out)
     assert [r["is_best"] for r in records] == [True, False, True]
-    best = torch.load(out / "model_best.pth", map_location="cpu", weights_only=True)
+    best = load_checkpoint(out / "model_best.pth")
     assert best["epoch"] == 3 and best["best_acc1"] == 70  # this epoch's state, not the last one
     # Resumed: the best so far (70) comes from the checkpoint; 40 neither improves nor lowers it.
     loop_spy.val = [_val(40, 100)]
     train.main([*common, "--epochs", "4", "--resume", str(out / "checkpoint.pth")])
-    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    record = read_metrics(out)[-1]
     assert (record["epoch"], record["is_best"], record["best_acc1"]) == (3, False, 70)
-    best = torch.load(out / "model_best.pth", map_location="cpu", weights_only=True)
-    assert best["epoch"] == 3
+    assert load_checkpoint(out / "model_best.pth")["epoch"] == 3
 
 
 def test_images_per_process_is_the_floor_of_the_node_batch():
